@@ -1,0 +1,175 @@
+"""`itp-train`: simulate a cohort, validate one, train and register a model, export a bundle."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from training.outcomes import DEFINITIONS, TARGETS
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def _tracking(uri: str) -> None:
+    import mlflow
+
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+
+
+tracking_option = click.option(
+    "--tracking-uri",
+    envvar="MLFLOW_TRACKING_URI",
+    default=DEFAULT_TRACKING_URI,
+    show_default=True,
+    help="MLflow tracking and registry store (env MLFLOW_TRACKING_URI).",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Show debug logging.")
+def main(verbose: bool) -> None:
+    """Train and register models of ITP treatment response (microbiome + clinical data)."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("alembic", "mlflow", "urllib3", "matplotlib", "shap", "numba"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@main.command()
+@click.option("--n-patients", type=click.IntRange(min=10), default=400, show_default=True)
+@click.option("--seed", type=int, default=7, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Directory to write the cohort into.")
+@click.option("--scenario", default="default", show_default=True,
+              help="Named scenario (see docs/simulator.md), e.g. default, null, strong.")
+@click.option("--signal", type=float, default=None,
+              help="Override the scenario's signal strength (0 = no signal).")
+def simulate(n_patients: int, seed: int, out: Path, scenario: str, signal: float | None) -> None:
+    """Write a synthetic cohort (metadata.tsv, feature-table.tsv, truth.json, truth.tsv)."""
+    from dataclasses import replace
+
+    from training.simulate import SCENARIOS, simulate, write_cohort
+
+    if scenario not in SCENARIOS:
+        raise click.BadParameter(f"choose from {sorted(SCENARIOS)}", param_hint="--scenario")
+    chosen = SCENARIOS[scenario] if signal is None else replace(SCENARIOS[scenario],
+                                                                 signal=signal)
+    cohort = simulate(n_patients, seed, chosen)
+    write_cohort(cohort, out)
+    click.echo(f"wrote {out}/ ({n_patients} patients, scenario {scenario}, seed {seed})")
+
+
+@main.command()
+@click.option("--data", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              required=True, help="Cohort directory (docs/data-format.md).")
+@click.option("--min-reads", type=click.IntRange(min=0), default=1000, show_default=True)
+@click.option("--definition", type=click.Choice(DEFINITIONS), default="iwg", show_default=True)
+def validate(data: Path, min_reads: int, definition: str) -> None:
+    """Check a cohort against the data contract and summarise it, without training."""
+    from training.cohort import load_cohort
+    from training.outcomes import response_labels
+
+    cohort = _or_exit(lambda: load_cohort(data, min_reads=min_reads))
+    responses = _or_exit(lambda: response_labels(cohort.metadata, definition))
+    click.echo(f"{data}: valid. {len(cohort.metadata)} episodes, "
+               f"{cohort.groups.nunique()} patients, {cohort.counts.shape[1]} taxa, "
+               f"{len(cohort.dropped)} samples dropped.")
+    click.echo(f"responses ({definition}): {responses.value_counts().to_dict()}")
+    click.echo(f"fingerprint: {cohort.fingerprint}")
+
+
+@main.command()
+@click.option("--data", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              required=True, help="Cohort directory (docs/data-format.md).")
+@click.option("--experiment", default="itp-response", show_default=True)
+@click.option("--register", default="itp-response", show_default=True,
+              help="Registered model name; empty string to skip registration.")
+@click.option("--alias", default="champion", show_default=True,
+              help="Alias to point at the new version; empty string for none.")
+@click.option("--definition", type=click.Choice(DEFINITIONS), default="iwg", show_default=True,
+              help="Response definition used to derive the label.")
+@click.option("--target", type=click.Choice(TARGETS), default="responded", show_default=True)
+@click.option("--candidates", default="xgboost,logistic", show_default=True,
+              help="Comma-separated candidate models.")
+@click.option("--splits", type=click.IntRange(min=2), default=5, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--bootstrap", type=click.IntRange(min=100), default=1000, show_default=True,
+              help="Patient-level bootstrap resamples for the 95% CIs.")
+@click.option("--seed", type=int, default=7, show_default=True)
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Parallel CV fits.")
+@click.option("--min-reads", type=click.IntRange(min=0), default=1000, show_default=True)
+@click.option("--rank", default="genus", show_default=True, help="Taxonomic rank of features.")
+@click.option("--min-prevalence", type=click.FloatRange(0, 1), default=0.1, show_default=True)
+@click.option("--export", "export_to", type=click.Path(path_type=Path), default=None,
+              help="Also write the registered model as a local bundle here.")
+@tracking_option
+def train(
+    data: Path, experiment: str, register: str, alias: str, definition: str, target: str,
+    candidates: str, splits: int, repeats: int, bootstrap: int, seed: int, jobs: int,
+    min_reads: int, rank: str, min_prevalence: float, export_to: Path | None,
+    tracking_uri: str,
+) -> None:
+    """Cross-validate the candidates, refit the best on all data, log and register it."""
+    from training.evaluation import CVConfig
+    from training.model import FeatureConfig
+    from training.registry import export_bundle
+    from training.train import TrainConfig, summary_json
+    from training.train import train as run_training
+
+    if export_to and not register:
+        raise click.UsageError("--export needs a registered model: do not empty --register")
+    _tracking(tracking_uri)
+    config = TrainConfig(
+        data=data, experiment=experiment, register=register or None, alias=alias or None,
+        definition=definition, target=target,
+        candidates=tuple(c.strip() for c in candidates.split(",") if c.strip()),
+        min_reads=min_reads,
+        features=FeatureConfig(rank=rank, min_prevalence=min_prevalence),
+        cv=CVConfig(n_splits=splits, n_repeats=repeats, n_bootstrap=bootstrap, seed=seed,
+                    n_jobs=jobs),
+    )
+    result = _or_exit(lambda: run_training(config))
+    if export_to:
+        version = f"models:/{register}/{result.registered_version}"
+        click.echo(f"exported {version} to {export_bundle(version, export_to)}", err=True)
+    click.echo(summary_json(result))
+
+
+@main.command()
+@click.option("--model", "model_uri", default="models:/itp-response@champion", show_default=True,
+              help="Registered model: models:/<name>@<alias> or models:/<name>/<version>.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("models/itp-response"),
+              show_default=True)
+@tracking_option
+def export(model_uri: str, out: Path, tracking_uri: str) -> None:
+    """Write a registered model as a local bundle the service can load without MLflow."""
+    from training.registry import export_bundle
+
+    _tracking(tracking_uri)
+    click.echo(f"exported {model_uri} to {_or_exit(lambda: export_bundle(model_uri, out))}")
+
+
+def _or_exit(action):  # type: ignore[no-untyped-def]
+    """Expected failures (bad data, bad options) -> one clear line, not a traceback."""
+    from mlflow.exceptions import MlflowException
+
+    from training.cohort import CohortError
+
+    try:
+        return action()
+    except (CohortError, ValueError, FileNotFoundError, MlflowException) as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""Model storage: MLflow model format, registry versions and aliases, local bundles.
+
+A model is an MLflow sklearn-flavour directory serialised with skops, never pickle: skops
+rebuilds only types on an allow-list, and that allow-list is `TRUSTED_TYPES` below, in our
+code, not the one a model directory declares about itself (which is what
+`mlflow.sklearn.load_model` would trust). A SHA-256 digest of the model files is stored as a
+tag on the registry version and in a bundle's `bundle.json`, and checked before loading.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import skops.io
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.models import Model
+from mlflow.models.signature import infer_signature
+from mlflow.types.schema import ColSpec, Schema
+from sklearn.pipeline import Pipeline
+
+from training import schema
+
+MODEL_NAME = "model"  # name of the logged model within a run
+MODEL_FILE = "model.skops"
+DIGESTED_FILES = ("MLmodel", MODEL_FILE)
+DIGEST_TAG = "sha256"
+BUNDLE_FILE = "bundle.json"
+METADATA_KEY = "itp_response"
+
+TRUSTED_TYPES: list[str] = [
+    "training.features.TaxonomyAligner",
+    "training.features.Closure",
+    "training.features.PrevalenceFilter",
+    "training.features.CLR",
+    "training.features.AlphaDiversity",
+    "training.features.ClinicalEncoder",
+    "sklearn.compose._column_transformer.make_column_selector",
+    "xgboost.core.Booster",
+    "xgboost.sklearn.XGBClassifier",
+    "numpy.dtype",
+]
+
+
+class ModelIntegrityError(RuntimeError):
+    """The model files are not the ones that were registered or exported."""
+
+
+@dataclass(frozen=True)
+class StoredModel:
+    """A model read back from the registry or a bundle, with what is known about it."""
+
+    pipeline: Pipeline
+    name: str
+    version: str | None
+    run_id: str | None
+    source: str
+    digest: str
+    metadata: dict[str, Any]
+
+
+def digest(directory: Path) -> str:
+    """SHA-256 over the files that define the model (MLflow adds others when downloading)."""
+    outer = hashlib.sha256()
+    for name in DIGESTED_FILES:
+        outer.update(name.encode())
+        outer.update(hashlib.sha256((directory / name).read_bytes()).digest())
+    return outer.hexdigest()
+
+
+def example_input(X: pd.DataFrame) -> pd.DataFrame:
+    """A typical, synthetic episode for the model's signature and input example.
+
+    MLflow ships the input example with the model, so it must not be a real patient's row:
+    medians for numbers, the most frequent value otherwise, median reads per taxon.
+    """
+    row: dict[str, Any] = {}
+    for column in X.columns:
+        values = X[column].dropna()
+        if values.empty:
+            row[column] = np.nan if X[column].dtype.kind == "f" else None
+        elif schema.is_taxon(column):
+            row[column] = float(np.round(values.median()))
+        elif X[column].dtype.kind == "f" and column not in _BOOLEANS:
+            row[column] = float(values.median())
+        else:
+            row[column] = values.mode().iloc[0]
+    frame = pd.DataFrame([row], index=["example"], columns=X.columns)
+    return frame.astype({c: float for c in X.columns if X[c].dtype.kind == "f"})
+
+
+_BOOLEANS = {f.name for f in schema.CLINICAL_FIELDS if f.kind == schema.Kind.BOOLEAN}
+
+
+def _signature(pipeline: Pipeline, example: pd.DataFrame) -> Any:
+    """Taxon columns are optional in the signature: samples carry whatever taxa they have."""
+    inferred = infer_signature(example, pipeline.predict_proba(example)[:, 1])
+    inputs = Schema(
+        [
+            ColSpec(spec.type, spec.name, required=not schema.is_taxon(spec.name))
+            for spec in inferred.inputs.inputs
+        ]
+    )
+    return type(inferred)(inputs=inputs, outputs=inferred.outputs)
+
+
+def log_model(pipeline: Pipeline, X: pd.DataFrame, metadata: dict[str, Any]) -> Any:
+    """Log the fitted pipeline to the active run in MLflow format (skops)."""
+    example = example_input(X)
+    return mlflow.sklearn.log_model(
+        pipeline,
+        name=MODEL_NAME,
+        signature=_signature(pipeline, example),
+        input_example=example,
+        serialization_format="skops",
+        skops_trusted_types=TRUSTED_TYPES,
+        pyfunc_predict_fn="predict_proba",
+        metadata={METADATA_KEY: metadata},
+    )
+
+
+def download(model_uri: str, destination: Path) -> Path:
+    destination.mkdir(parents=True, exist_ok=True)
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri,
+                                                    dst_path=str(destination)))
+
+
+def register(model_uri: str, name: str, alias: str | None, sha256: str) -> ModelVersion:
+    """Create a registry version tagged with its digest, then point the alias at it.
+
+    Runs last in training, so an earlier failure registers nothing; if the alias cannot be
+    set, the new version is removed again rather than left half-published.
+    """
+    version = mlflow.register_model(model_uri, name, tags={DIGEST_TAG: sha256})
+    if alias:
+        try:
+            MlflowClient().set_registered_model_alias(name, alias, version.version)
+        except Exception:
+            MlflowClient().delete_model_version(name, version.version)
+            raise
+    return version
+
+
+def resolve_version(model_uri: str) -> ModelVersion:
+    """`models:/name@alias` or `models:/name/version` -> the registry's ModelVersion."""
+    reference = model_uri.removeprefix("models:/")
+    client = MlflowClient()
+    if "@" in reference:
+        name, alias = reference.split("@", 1)
+        return client.get_model_version_by_alias(name, alias)
+    name, _, version = reference.partition("/")
+    if not version.isdigit():
+        raise ValueError(f"model URI must be models:/<name>@<alias> or models:/<name>/<n>, "
+                         f"got {model_uri!r}")
+    return client.get_model_version(name, version)
+
+
+def export_bundle(model_uri: str, out: Path) -> Path:
+    """Write a registered model version as a self-contained local bundle, atomically.
+
+    The bundle is assembled beside `out` and moved into place only when complete, so a
+    failure leaves either the previous bundle or nothing, never a half-written one.
+    """
+    version = resolve_version(model_uri)
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        download(f"models:/{version.name}/{version.version}", staging)
+        actual = digest(staging)
+        if actual != version.tags.get(DIGEST_TAG):
+            raise ModelIntegrityError(
+                f"{version.name} version {version.version}: files do not match the "
+                f"registered digest"
+            )
+        info = {"name": version.name, "version": version.version, "run_id": version.run_id,
+                "source": model_uri, DIGEST_TAG: actual}
+        (staging / BUNDLE_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        _replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _replace(new: Path, target: Path) -> None:
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    new.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load(model_uri: str, expected_sha256: str | None = None) -> StoredModel:
+    """Load a model from `models:/...` or a bundle directory, verifying its digest first."""
+    if model_uri.startswith("models:/"):
+        version = resolve_version(model_uri)
+        with tempfile.TemporaryDirectory(prefix="itp-model-") as tmp:
+            directory = download(f"models:/{version.name}/{version.version}", Path(tmp))
+            return _load_directory(directory, model_uri, version.name, version.version,
+                                   version.tags.get(DIGEST_TAG), expected_sha256)
+    directory = Path(model_uri)
+    if not (directory / BUNDLE_FILE).is_file():
+        raise FileNotFoundError(f"{directory}: not a model bundle (no {BUNDLE_FILE}); "
+                                f"create one with `itp-train export`")
+    info = json.loads((directory / BUNDLE_FILE).read_text())
+    return _load_directory(directory, model_uri, info["name"], info["version"],
+                           info.get(DIGEST_TAG), expected_sha256)
+
+
+def _load_directory(
+    directory: Path,
+    source: str,
+    name: str,
+    version: str | None,
+    recorded: str | None,
+    expected: str | None,
+) -> StoredModel:
+    actual = digest(directory)
+    if recorded is None:
+        raise ModelIntegrityError(f"{source}: no recorded {DIGEST_TAG}; refusing to load an "
+                                  f"unverifiable model (register it with itp-train)")
+    for label, wanted in (("recorded", recorded), ("pinned", expected)):
+        if wanted is not None and wanted != actual:
+            raise ModelIntegrityError(f"{source}: model files do not match the {label} digest")
+    pipeline = skops.io.load(directory / MODEL_FILE, trusted=TRUSTED_TYPES)
+    mlmodel = Model.load(directory / "MLmodel")
+    return StoredModel(
+        pipeline=pipeline,
+        name=name,
+        version=str(version) if version is not None else None,
+        run_id=mlmodel.run_id,
+        source=source,
+        digest=actual,
+        metadata=(mlmodel.metadata or {}).get(METADATA_KEY, {}),
+    )
