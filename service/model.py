@@ -1,0 +1,151 @@
+"""The served model: loaded and verified once, then turns validated requests into predictions."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+from service.schemas import (
+    Contribution,
+    Explanation,
+    ModelInfo,
+    ModelRef,
+    OtherFeatures,
+    Patient,
+    Prediction,
+    PredictionWarning,
+)
+from service.settings import Settings
+from training import registry
+from training.explain import Explanation as ShapResult
+from training.explain import ShapExplainer
+from training.features import model_input
+from training.schema import CLINICAL_FIELDS, TREATMENT
+
+LOW_READS = 1000
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    stored: registry.StoredModel
+    explainer: ShapExplainer
+
+    @property
+    def ref(self) -> ModelRef:
+        return ModelRef(name=self.stored.name, version=self.stored.version,
+                        run_id=self.stored.run_id)
+
+    def info(self) -> ModelInfo:
+        meta = self.stored.metadata
+        return ModelInfo(
+            name=self.stored.name, version=self.stored.version, run_id=self.stored.run_id,
+            source=self.stored.source, sha256=self.stored.digest,
+            candidate=meta.get("candidate"), trained_at=meta.get("trained_at"),
+            definition=meta.get("definition"), target=meta.get("target"),
+            cv_metrics=meta.get("cv_metrics", {}), feature_schema=meta.get("feature_schema", {}),
+        )
+
+    @property
+    def treatments(self) -> list[str]:
+        return list(self.stored.metadata.get("feature_schema", {}).get("treatments", []))
+
+    def predict(
+        self, patients: list[Patient], explain: bool, top_k: int, threshold: float
+    ) -> list[Prediction]:
+        X = inputs(patients)
+        explanation = self.explainer.explain(X)
+        unknown = self.explainer.pipeline.named_steps["align"].unknown_taxa(X)
+        predictions = []
+        for i, patient in enumerate(patients):
+            probability = float(explanation.probability[i])
+            predictions.append(Prediction(
+                patient_id=patient.patient_id,
+                probability=probability,
+                label="responder" if probability >= threshold else "non-responder",
+                explanation=_top(explanation, i, top_k) if explain else None,
+                warnings=self._warnings(patient, unknown[i]),
+            ))
+        return predictions
+
+    def _warnings(self, patient: Patient, unknown: dict[str, float]) -> list[PredictionWarning]:
+        warnings = []
+        if unknown:
+            listed = ", ".join(f"{taxon} ({share:.1%})" for taxon, share in
+                               sorted(unknown.items(), key=lambda kv: -kv[1])[:5])
+            warnings.append(PredictionWarning(
+                code="unknown_taxa",
+                message=f"{len(unknown)} taxa unknown to the model, {sum(unknown.values()):.1%} "
+                        f"of reads, were not used: {listed}"
+                        + (" ..." if len(unknown) > 5 else ""),
+            ))
+        clinical = patient.clinical.model_dump()
+        ranges = {f["name"]: f.get("training_range") for f in
+                  self.stored.metadata.get("feature_schema", {}).get("clinical", [])}
+        outside = []
+        for name, value in clinical.items():
+            bounds = ranges.get(name)
+            if isinstance(value, float) and bounds and not bounds[0] <= value <= bounds[1]:
+                outside.append(f"{name}={value:g} (trained on {bounds[0]:g}-{bounds[1]:g})")
+        if outside:
+            warnings.append(PredictionWarning(
+                code="outside_training_range",
+                message="values outside the training data; the model extrapolates: "
+                        + ", ".join(outside),
+            ))
+        missing = [name for name, value in clinical.items() if value is None]
+        if missing:
+            warnings.append(PredictionWarning(
+                code="missing_fields",
+                message="not given, handled as missing: " + ", ".join(missing),
+            ))
+        total = sum(patient.microbiome.counts.values())
+        if total >= 1 and total < LOW_READS and _looks_like_counts(patient):
+            warnings.append(PredictionWarning(
+                code="low_read_depth",
+                message=f"{total:.0f} reads: profiles under {LOW_READS} reads are noisy",
+            ))
+        return warnings
+
+
+def _looks_like_counts(patient: Patient) -> bool:
+    return all(float(v).is_integer() for v in patient.microbiome.counts.values())
+
+
+def inputs(patients: list[Patient]) -> pd.DataFrame:
+    """Validated patients -> the raw frame the pipeline was trained on."""
+    index = pd.Index([str(i) for i in range(len(patients))])
+    clinical = pd.DataFrame(
+        [{TREATMENT: p.treatment, **p.clinical.model_dump()} for p in patients], index=index
+    ).reindex(columns=[TREATMENT, *(f.name for f in CLINICAL_FIELDS)])
+    counts = pd.DataFrame([p.microbiome.counts for p in patients], index=index).fillna(0.0)
+    return model_input(clinical, counts)
+
+
+def _top(explanation: ShapResult, row: int, top_k: int) -> Explanation:
+    shap_values = explanation.shap_values[row]
+    order = np.argsort(-np.abs(shap_values), kind="stable")
+    shown, rest = order[:top_k], order[top_k:]
+    return Explanation(
+        base_value=explanation.base_value,
+        contributions=[
+            Contribution(
+                feature=str(explanation.feature_names[j]),
+                value=None if math.isnan(v := float(explanation.values[row, j])) else v,
+                shap=float(shap_values[j]),
+            )
+            for j in shown
+        ],
+        other_features=OtherFeatures(count=len(rest), shap=float(shap_values[rest].sum())),
+    )
+
+
+def load_model(settings: Settings) -> LoadedModel:
+    """Fetch, verify and deserialise the configured model, and build its explainer."""
+    if settings.tracking_uri:
+        mlflow.set_tracking_uri(settings.tracking_uri)
+    stored = registry.load(settings.model_uri, settings.model_sha256)
+    return LoadedModel(stored=stored, explainer=ShapExplainer(stored.pipeline))

@@ -1,0 +1,194 @@
+"""Request and response models: the public REST contract, documented in the OpenAPI page.
+
+The `clinical` object is generated from `training.schema.CLINICAL_FIELDS`, so the API,
+the cohort format and the model can never disagree on a field's name, type or unit.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+
+from training import schema
+from training.schema import CLINICAL_FIELDS, TREATMENTS, Kind
+
+Treatment = Literal[TREATMENTS]  # type: ignore[valid-type]
+
+
+def _clinical_field(field: schema.Field) -> tuple[Any, Any]:
+    unit = f" Unit: {field.unit}." if field.unit else ""
+    example = field.example
+    extra = {"unit": field.unit} if field.unit else None
+    info: dict[str, Any] = {"description": field.description + unit, "examples": [example],
+                            "json_schema_extra": extra}
+    if field.kind == Kind.NUMBER:
+        kind: Any = float
+        info |= {"ge": field.minimum, "le": field.maximum}
+    elif field.kind == Kind.BOOLEAN:
+        kind = bool
+    elif field.kind == Kind.CATEGORY:
+        kind = Literal[field.categories]  # type: ignore[valid-type]
+    else:
+        kind = str
+    if field.name == "baseline_platelets":  # required in cohorts, so required here
+        return kind, Field(..., **info)
+    return kind | None, Field(None, **info)
+
+
+class _ClinicalBase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    @field_validator("bleeding_score", mode="before", check_fields=False)
+    @classmethod
+    def _score_as_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int | float) else value
+
+    @model_validator(mode="after")
+    def _bleeding_parses(self) -> _ClinicalBase:
+        schema.bleeding_severity(getattr(self, "bleeding_score", None),
+                                 getattr(self, "bleeding_scale", None))
+        return self
+
+
+Clinical = create_model(
+    "Clinical",
+    __base__=_ClinicalBase,
+    __doc__="Clinical and immune data at the start of treatment; absent fields are missing.",
+    **{f.name: _clinical_field(f) for f in CLINICAL_FIELDS},
+)
+
+
+class Microbiome(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    counts: dict[str, float] = Field(
+        ...,
+        description="Reads (or relative abundances) per taxon, keyed by lineage string "
+        "(SILVA/GTDB `d__...;g__...` or MetaPhlAn `k__...|g__...`), at any rank down to "
+        "species; aggregated to the model's rank. Taxa the model does not know are "
+        "reported in `warnings` with their share of reads.",
+        examples=[{
+            "d__Bacteria;p__Firmicutes;c__Clostridia;o__Oscillospirales;"
+            "f__Ruminococcaceae;g__Faecalibacterium;s__Faecalibacterium_prausnitzii": 1250,
+            "d__Bacteria;p__Bacteroidota;c__Bacteroidia;o__Bacteroidales;"
+            "f__Bacteroidaceae;g__Bacteroides;s__Bacteroides_ovatus": 3400,
+        }],
+    )
+
+    @field_validator("counts")
+    @classmethod
+    def _valid_counts(cls, counts: dict[str, float]) -> dict[str, float]:
+        bad = [k for k in counts if not schema.is_taxon(k)]
+        if bad:
+            raise ValueError(f"taxon ids must be lineage strings starting with a rank prefix "
+                             f"such as 'd__' or 'k__'; got {bad[:5]}")
+        negative = [k for k, v in counts.items() if not v >= 0]
+        if negative:
+            raise ValueError(f"counts must be non-negative numbers; got {negative[:5]}")
+        if sum(counts.values()) <= 0:
+            raise ValueError("the profile has no reads")
+        return counts
+
+
+class Patient(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    patient_id: str = Field(..., min_length=1, max_length=128,
+                            description="Caller's reference, echoed back; never logged.",
+                            examples=["P1"])
+    treatment: Treatment = Field(..., description="Treatment whose response is predicted.",
+                                 examples=["corticosteroid"])
+    clinical: Clinical = Field(..., description="Clinical and immune data.")  # type: ignore[valid-type]
+    microbiome: Microbiome
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    patients: list[Patient] = Field(..., min_length=1, description="One or more patients.")
+    explain: bool = Field(True, description="Return SHAP contributions per patient.")
+    top_k: int = Field(10, ge=1, le=10000, description="Largest contributions returned; the "
+                       "rest are summed in `explanation.other_features`.")
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> PredictRequest:
+        ids = [p.patient_id for p in self.patients]
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicates:
+            raise ValueError(f"patient_id must be unique in a request; repeated: {duplicates}")
+        return self
+
+
+class Contribution(BaseModel):
+    feature: str = Field(..., description="Model feature: a taxon lineage (value = CLR of its "
+                         "relative abundance), a diversity index, or a clinical feature.")
+    value: float | None = Field(..., description="The feature's value for this patient, in "
+                                "its own unit; null when missing.")
+    shap: float = Field(..., description="Contribution to the log-odds of response.")
+
+
+class OtherFeatures(BaseModel):
+    count: int = Field(..., description="Features not listed in `contributions`.")
+    shap: float = Field(..., description="Sum of their contributions (log-odds).")
+
+
+class Explanation(BaseModel):
+    space: Literal["log_odds"] = "log_odds"
+    base_value: float = Field(..., description="Log-odds of response of the reference "
+                              "(average training) patient.")
+    contributions: list[Contribution] = Field(..., description="The top_k contributions by "
+                                              "absolute size, largest first.")
+    other_features: OtherFeatures = Field(..., description="base_value + sum(contributions) + "
+                                          "other_features.shap = logit(probability).")
+
+
+class PredictionWarning(BaseModel):
+    code: Literal["unknown_taxa", "outside_training_range", "missing_fields", "low_read_depth"]
+    message: str
+
+
+class Prediction(BaseModel):
+    patient_id: str
+    probability: float = Field(..., ge=0, le=1, description="Probability of response "
+                               "(CR or R by the model's response definition).")
+    label: Literal["responder", "non-responder"]
+    explanation: Explanation | None = None
+    warnings: list[PredictionWarning] = Field(default_factory=list)
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str | None
+    run_id: str | None
+
+
+class PredictResponse(BaseModel):
+    model: ModelRef
+    threshold: float = Field(..., description="Probability cut-off used for `label`.")
+    predictions: list[Prediction]
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str | None
+    run_id: str | None
+    source: str
+    sha256: str
+    candidate: str | None = None
+    trained_at: str | None = None
+    definition: str | None = Field(None, description="Response definition (iwg, iwg_or, ge50).")
+    target: str | None = None
+    cv_metrics: dict[str, float] = Field(default_factory=dict, description="Cross-validated "
+                                         "metrics: mean over repeats and 95% CI.")
+    feature_schema: dict[str, Any] = Field(default_factory=dict)
+
+
+class ValidationProblem(BaseModel):
+    patient_id: str | None = Field(None, description="The patient the problem is in, if any.")
+    field: str = Field(..., description="Dotted path of the offending field.")
+    message: str
+
+
+class ValidationErrorResponse(BaseModel):
+    detail: list[ValidationProblem]
