@@ -182,7 +182,7 @@ def export_bundle(model_uri: str, out: Path) -> Path:
                 f"{version.name} version {version.version}: files do not match the "
                 f"registered digest"
             )
-        info = {"name": version.name, "version": version.version, "run_id": version.run_id,
+        info = {"name": version.name, "version": str(version.version), "run_id": version.run_id,
                 "source": model_uri, DIGEST_TAG: actual}
         (staging / BUNDLE_FILE).write_text(json.dumps(info, indent=2) + "\n")
         _replace(staging, out)

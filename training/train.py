@@ -123,7 +123,7 @@ def train(config: TrainConfig) -> TrainResult:
         summaries={name: r.summary for name, r in results.items()},
         model_uri=info.model_uri,
         digest=sha256,
-        registered_version=version.version if version else None,
+        registered_version=str(version.version) if version else None,
     )
 
 

@@ -1,0 +1,322 @@
+"""End to end, the user's way: CLI training into a SQLite MLflow store, the real service
+started with uvicorn in a subprocess, called over HTTP."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import httpx
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+from scipy.special import logit
+
+from tests.conftest import BIN, MODEL, Server, Trained, start_server, stop_server
+from training import registry
+from training.cohort import load_cohort
+from training.features import model_input
+from training.schema import CLINICAL_FIELDS, Kind
+
+pytestmark = pytest.mark.e2e
+
+FAECALIBACTERIUM = ("d__Bacteria;p__Firmicutes;c__Clostridia;o__Oscillospirales;"
+                    "f__Ruminococcaceae;g__Faecalibacterium")
+
+
+def patients_from_cohort(data: Path, n: int) -> tuple[list[dict[str, Any]], pd.DataFrame]:
+    """The first n episodes of a cohort as API patients, and as the pipeline's raw frame."""
+    cohort = load_cohort(data)
+    metadata, counts = cohort.metadata.iloc[:n], cohort.counts.iloc[:n]
+    patients = []
+    for sample, row in metadata.iterrows():
+        clinical: dict[str, Any] = {}
+        for field in CLINICAL_FIELDS:
+            value = row[field.name]
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                continue
+            clinical[field.name] = bool(value) if field.kind == Kind.BOOLEAN else value
+        reads = {taxon: float(c) for taxon, c in counts.loc[sample].items() if c > 0}
+        patients.append({"patient_id": str(sample), "treatment": row["treatment"],
+                         "clinical": clinical, "microbiome": {"counts": reads}})
+    return patients, model_input(metadata, counts)
+
+
+def predict(server: Server, patients: list[dict[str, Any]], **options: Any) -> httpx.Response:
+    return httpx.post(f"{server.url}/v1/predict", json={"patients": patients, **options},
+                      timeout=60)
+
+
+# --- training, MLflow, registry -------------------------------------------------------------
+
+
+def test_training_run_logs_params_metrics_plots_model_and_schema(trained: Trained) -> None:
+    client = MlflowClient(trained.tracking_uri)
+    run = client.get_run(trained.result["run_id"])
+    assert run.info.status == "FINISHED"
+    metrics = run.data.metrics
+    assert metrics["cv_auroc_ci_low"] <= metrics["cv_auroc_mean"] <= metrics["cv_auroc_ci_high"]
+    for name in ("cv_auprc_mean", "cv_brier_mean", "cv_calibration_slope_mean"):
+        assert name in metrics
+    assert run.data.params["definition"] == "iwg"
+    assert int(run.data.params["n_patients"]) == trained.truth["n_patients"]
+    assert run.data.tags["data_fingerprint"] == load_cohort(trained.data).fingerprint
+    assert run.data.tags["version.sklearn"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"roc_curve.png", "calibration_curve.png", "shap_summary.png", "feature_schema.json",
+            "cv_predictions.tsv", "cohort_summary.json"} <= artifacts
+    children = client.search_runs(
+        [run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'"
+    )
+    assert {c.data.tags["candidate"] for c in children} == {"xgboost", "logistic"}
+    assert all("cv_auroc_mean" in c.data.metrics for c in children)
+
+
+def test_champion_alias_points_at_a_version_whose_digest_matches_the_bundle(
+    trained: Trained,
+) -> None:
+    client = MlflowClient(trained.tracking_uri)
+    version = client.get_model_version_by_alias(MODEL, "champion")
+    assert version.run_id == trained.result["run_id"]
+    assert str(version.version) == trained.result["registered_version"]
+    bundle = json.loads((trained.bundle / registry.BUNDLE_FILE).read_text())
+    assert version.tags[registry.DIGEST_TAG] == bundle["sha256"] == trained.result["digest"]
+    assert registry.digest(trained.bundle) == bundle["sha256"]
+
+
+def test_logged_model_has_signature_and_loads_as_pyfunc_returning_probabilities(
+    trained: Trained,
+) -> None:
+    mlflow.set_tracking_uri(trained.tracking_uri)
+    info = mlflow.models.get_model_info(f"models:/{MODEL}@champion")
+    assert info.signature is not None
+    assert "baseline_platelets" in info.signature.inputs.input_names()
+    _, frame = patients_from_cohort(trained.data, 5)
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
+    probabilities = np.asarray(model.predict(frame))
+    assert probabilities.shape[0] == 5
+    assert np.all((probabilities >= 0) & (probabilities <= 1))
+
+
+def test_default_scenario_comes_within_0_1_of_the_best_achievable_auroc(trained: Trained) -> None:
+    chosen = trained.result["summaries"][trained.result["chosen"]]
+    best = trained.truth["best_auroc"]
+    assert chosen["auroc_mean"] > 0.6
+    assert best - chosen["auroc_mean"] < 0.1, (best, chosen)
+
+
+# --- service over HTTP ----------------------------------------------------------------------
+
+
+def test_health_ready_and_model_description(registry_server: Server, trained: Trained) -> None:
+    assert httpx.get(f"{registry_server.url}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{registry_server.url}/ready").status_code == 200
+    info = httpx.get(f"{registry_server.url}/v1/model").json()
+    assert info["name"] == MODEL
+    assert info["version"] == str(trained.result["registered_version"])
+    assert info["run_id"] == trained.result["run_id"]
+    assert info["trained_at"] and info["candidate"] == trained.result["chosen"]
+    assert info["cv_metrics"]["auroc_mean"] == pytest.approx(
+        trained.result["summaries"][trained.result["chosen"]]["auroc_mean"])
+    schema = info["feature_schema"]
+    assert schema["rank"] == "genus" and len(schema["taxa_vocabulary"]) >= 100
+    platelets = next(f for f in schema["clinical"] if f["name"] == "baseline_platelets")
+    assert platelets["unit"] == "x10^9/L" and len(platelets["training_range"]) == 2
+
+
+def test_one_patient_shap_sums_exactly_to_the_log_odds(
+    registry_server: Server, trained: Trained
+) -> None:
+    patients, _ = patients_from_cohort(trained.data, 1)
+    response = predict(registry_server, patients, explain=True, top_k=10000)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == {"name": MODEL, "version": str(trained.result["registered_version"]),
+                             "run_id": trained.result["run_id"]}
+    (prediction,) = body["predictions"]
+    explanation = prediction["explanation"]
+    assert explanation["space"] == "log_odds"
+    assert explanation["other_features"] == {"count": 0, "shap": 0.0}
+    total = explanation["base_value"] + sum(c["shap"] for c in explanation["contributions"])
+    assert total == pytest.approx(logit(prediction["probability"]), abs=1e-6)
+    shaps = [abs(c["shap"]) for c in explanation["contributions"]]
+    assert shaps == sorted(shaps, reverse=True)
+
+
+def test_top_k_lists_the_largest_and_sums_the_rest(registry_server: Server,
+                                                   trained: Trained) -> None:
+    patients, _ = patients_from_cohort(trained.data, 1)
+    full = predict(registry_server, patients, top_k=10000).json()["predictions"][0]
+    top = predict(registry_server, patients, top_k=3).json()["predictions"][0]
+    assert top["probability"] == full["probability"]
+    listed = top["explanation"]["contributions"]
+    assert [c["feature"] for c in listed] == [
+        c["feature"] for c in full["explanation"]["contributions"][:3]]
+    rest = top["explanation"]["other_features"]
+    assert rest["count"] == len(full["explanation"]["contributions"]) - 3
+    total = top["explanation"]["base_value"] + sum(c["shap"] for c in listed) + rest["shap"]
+    assert total == pytest.approx(logit(top["probability"]), abs=1e-6)
+
+
+def test_batch_predictions_equal_the_training_pipeline(bundle_server: Server,
+                                                       trained: Trained) -> None:
+    patients, frame = patients_from_cohort(trained.data, 40)
+    response = predict(bundle_server, patients, explain=False)
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    assert [p["patient_id"] for p in predictions] == [p["patient_id"] for p in patients]
+    assert all(p["explanation"] is None for p in predictions)
+    pipeline = registry.load(str(trained.bundle)).pipeline
+    expected = pipeline.predict_proba(frame)[:, 1]
+    served = np.array([p["probability"] for p in predictions])
+    np.testing.assert_allclose(served, expected, atol=1e-5)
+    labels = {p["label"] for p in predictions}
+    assert labels <= {"responder", "non-responder"}
+
+
+def test_unknown_taxa_are_reported_with_their_share_of_reads(
+    bundle_server: Server, trained: Trained
+) -> None:
+    patients, _ = patients_from_cohort(trained.data, 1)
+    counts = patients[0]["microbiome"]["counts"]
+    known = sum(counts.values())
+    counts["k__Bacteria|p__Firmicutes|c__Bacilli|o__Lactobacillales|f__Lactobacillaceae|"
+           "g__Notarealgenus|s__Notarealgenus_x"] = known  # half of all reads
+    response = predict(bundle_server, patients)
+    assert response.status_code == 200, response.text
+    warnings = response.json()["predictions"][0]["warnings"]
+    unknown = [w for w in warnings if w["code"] == "unknown_taxa"]
+    assert len(unknown) == 1
+    assert "g__Notarealgenus" in unknown[0]["message"]
+    assert "50.0%" in unknown[0]["message"]
+
+
+def test_metaphlan_spelling_of_a_known_genus_is_not_unknown(
+    bundle_server: Server, trained: Trained
+) -> None:
+    patients, _ = patients_from_cohort(trained.data, 1)
+    patients[0]["microbiome"]["counts"] = {
+        "k__Bacteria|p__Firmicutes|c__Clostridia|o__Oscillospirales|f__Ruminococcaceae|"
+        "g__Faecalibacterium|s__Faecalibacterium_prausnitzii": 5000,
+    }
+    response = predict(bundle_server, patients)
+    assert response.status_code == 200, response.text
+    codes = [w["code"] for w in response.json()["predictions"][0]["warnings"]]
+    assert "unknown_taxa" not in codes
+
+
+def _bad(patient: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    changed = json.loads(json.dumps(patient))
+    *parents, leaf = path.split(".")
+    target = changed
+    for key in parents:
+        target = target[key]
+    if value is KeyError:
+        del target[leaf]
+    else:
+        target[leaf] = value
+    return changed
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "field", "words"),
+    [
+        ("treatment", "homeopathy", "treatment", "corticosteroid"),
+        ("clinical.baseline_platelets", KeyError, "clinical.baseline_platelets", "required"),
+        ("clinical.age_years", -4, "clinical.age_years", "greater than or equal"),
+        ("clinical.age_years", "old", "clinical.age_years", "number"),
+        ("clinical.sex", "unknown", "clinical.sex", "female"),
+        ("clinical.ldh", 200, "clinical.ldh", "Extra inputs"),
+        ("clinical.bleeding_score", "S9M1O0", "clinical", "ITP-BAT"),
+        ("microbiome.counts", {}, "microbiome.counts", "no reads"),
+        ("microbiome.counts", {"Faecalibacterium": 10}, "microbiome.counts", "lineage"),
+        ("microbiome.counts", {FAECALIBACTERIUM: -5}, "microbiome.counts", "non-negative"),
+    ],
+)
+def test_invalid_input_is_a_422_naming_patient_and_field(
+    bundle_server: Server, trained: Trained, path: str, value: Any, field: str, words: str
+) -> None:
+    patients, _ = patients_from_cohort(trained.data, 2)
+    patients[1] = _bad(patients[1], path, value)
+    if path == "clinical.bleeding_score":
+        patients[1]["clinical"]["bleeding_scale"] = "ITP-BAT"
+    response = predict(bundle_server, patients)
+    assert response.status_code == 422
+    problems = response.json()["detail"]
+    assert any(p["patient_id"] == patients[1]["patient_id"] and p["field"].startswith(field)
+               and words in p["message"] for p in problems), problems
+
+
+def test_duplicate_ids_and_empty_batches_are_rejected(bundle_server: Server,
+                                                      trained: Trained) -> None:
+    patients, _ = patients_from_cohort(trained.data, 1)
+    duplicate = predict(bundle_server, patients * 2)
+    assert duplicate.status_code == 422 and "unique" in duplicate.text
+    assert predict(bundle_server, []).status_code == 422
+
+
+def test_openapi_documents_fields_units_and_examples(bundle_server: Server) -> None:
+    spec = httpx.get(f"{bundle_server.url}/openapi.json").json()
+    clinical = spec["components"]["schemas"]["Clinical"]["properties"]
+    platelets = clinical["baseline_platelets"]
+    assert "x10^9/L" in platelets["description"] and platelets["examples"]
+    assert set(clinical) == {f.name for f in CLINICAL_FIELDS}
+    assert "/v1/predict" in spec["paths"]
+    assert "422" in spec["paths"]["/v1/predict"]["post"]["responses"]
+
+
+def test_service_never_logs_patient_ids_or_payloads(bundle_server: Server,
+                                                    trained: Trained) -> None:
+    patients, _ = patients_from_cohort(trained.data, 3)
+    for patient in patients:
+        patient["patient_id"] = f"secret-{patient['patient_id']}"
+    assert predict(bundle_server, patients).status_code == 200
+    bad = _bad(patients[0], "clinical.age_years", -1)
+    assert predict(bundle_server, [bad]).status_code == 422
+    log = bundle_server.output()
+    assert "secret-" not in log
+    assert "baseline_platelets" not in log
+
+
+def test_reload_needs_the_admin_token(bundle_server: Server) -> None:
+    url = f"{bundle_server.url}/v1/model/reload"
+    assert httpx.post(url).status_code == 403
+    assert httpx.post(url, headers={"Authorization": "Bearer wrong"}).status_code == 403
+    response = httpx.post(url, headers={"Authorization": "Bearer test-token"}, timeout=60)
+    assert response.status_code == 200 and response.json()["name"] == MODEL
+
+
+def test_tampered_model_is_never_served_and_a_failed_reload_keeps_the_old_one(
+    trained: Trained, tmp_path: Path
+) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(trained.bundle, bundle)
+    env = trained.env(ITP_MODEL_URI=str(bundle), ITP_ADMIN_TOKEN="t")
+    server = start_server([str(BIN / "itp-serve")], env, cwd=tmp_path, log=tmp_path / "a.log")
+    try:
+        patients, _ = patients_from_cohort(trained.data, 1)
+        before = predict(server, patients).json()["predictions"][0]["probability"]
+        model_file = bundle / registry.MODEL_FILE
+        model_file.write_bytes(model_file.read_bytes() + b"tampered")
+        reload = httpx.post(f"{server.url}/v1/model/reload",
+                            headers={"Authorization": "Bearer t"}, timeout=60)
+        assert reload.status_code == 500 and "previous model still serving" in reload.text
+        assert httpx.get(f"{server.url}/ready").status_code == 200
+        after = predict(server, patients).json()["predictions"][0]["probability"]
+        assert after == before
+    finally:
+        stop_server(server)
+
+    fresh = start_server([str(BIN / "itp-serve")], env, cwd=tmp_path, log=tmp_path / "b.log",
+                         expect_ready=False)
+    try:
+        ready = httpx.get(f"{fresh.url}/ready")
+        assert ready.status_code == 503 and "digest" in ready.json()["error"]
+        assert predict(fresh, patients).status_code == 503
+    finally:
+        stop_server(fresh)

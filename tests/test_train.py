@@ -1,0 +1,129 @@
+"""Training runs in-process against a temporary SQLite MLflow store: failures leave nothing
+registered or half-written, and the null scenario scores as chance."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import MODEL, Trained, run_cli
+from training import registry
+from training import train as train_module
+from training.evaluation import CVConfig
+from training.simulate import SCENARIOS, simulate, write_cohort
+from training.train import TrainConfig, train
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.chdir(tmp_path)  # MLflow puts run artifacts under ./mlruns
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+@pytest.fixture(scope="module")
+def small_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("small") / "cohort"
+    write_cohort(simulate(120, 3, SCENARIOS["default"]), out)
+    return out
+
+
+QUICK = CVConfig(n_splits=3, n_repeats=1, n_bootstrap=100)
+
+
+def test_a_run_that_fails_before_registration_registers_nothing(
+    store: str, small_cohort: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(train_module.registry, "log_model", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        train(TrainConfig(data=small_cohort, experiment="failing", cv=QUICK))
+    client = MlflowClient(store)
+    assert client.search_registered_models() == []
+    (run,) = client.search_runs([client.get_experiment_by_name("failing").experiment_id],
+                                "tags.mlflow.parentRunId IS NULL")
+    assert run.info.status == "FAILED"
+
+
+def test_a_failed_alias_removes_the_new_version(
+    store: str, small_cohort: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise PermissionError("no alias rights")
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", refuse)
+    with pytest.raises(PermissionError):
+        train(TrainConfig(data=small_cohort, experiment="alias", cv=QUICK))
+    client = MlflowClient(store)
+    assert client.search_model_versions(f"name = '{MODEL}'") == []
+
+
+def test_export_failure_keeps_the_previous_bundle_and_leaves_no_staging(
+    store: str, small_cohort: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    train(TrainConfig(data=small_cohort, experiment="export", cv=QUICK))
+    out = tmp_path / "models" / MODEL
+    registry.export_bundle(f"models:/{MODEL}@champion", out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    monkeypatch.setattr(registry, "digest", lambda directory: "0" * 64)
+    with pytest.raises(registry.ModelIntegrityError):
+        registry.export_bundle(f"models:/{MODEL}@champion", out)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in out.parent.iterdir()) == [MODEL]
+
+
+def test_a_bundle_without_a_recorded_digest_is_refused(
+    trained: Trained, tmp_path: Path
+) -> None:
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    for name in registry.DIGESTED_FILES:
+        (bundle / name).write_bytes((trained.bundle / name).read_bytes())
+    info = json.loads((trained.bundle / registry.BUNDLE_FILE).read_text())
+    del info[registry.DIGEST_TAG]
+    (bundle / registry.BUNDLE_FILE).write_text(json.dumps(info))
+    with pytest.raises(registry.ModelIntegrityError, match="no recorded"):
+        registry.load(str(bundle))
+    with pytest.raises(registry.ModelIntegrityError, match="pinned"):
+        registry.load(str(trained.bundle), expected_sha256="f" * 64)
+
+
+def test_invalid_cohort_fails_cleanly_and_registers_nothing(
+    store: str, small_cohort: Path, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "feature-table.tsv").write_bytes((small_cohort / "feature-table.tsv").read_bytes())
+    lines = (small_cohort / "metadata.tsv").read_text().splitlines()
+    header = lines[0].split("\t")
+    row = lines[3].split("\t")
+    row[header.index("treatment")] = "leeches"
+    lines[3] = "\t".join(row)
+    (broken / "metadata.tsv").write_text("\n".join(lines) + "\n")
+
+    completed = run_cli("train", "--data", str(broken), cwd=tmp_path, check=False)
+    assert completed.returncode == 2
+    assert "metadata.tsv" in completed.stderr and "line 4" in completed.stderr
+    assert "leeches" in completed.stderr and "Traceback" not in completed.stderr
+    assert MlflowClient(store).search_registered_models() == []
+
+
+def test_null_scenario_scores_as_chance(store: str, tmp_path: Path) -> None:
+    """No feature affects response: an honest pipeline must not find signal."""
+    data = tmp_path / "null"
+    write_cohort(simulate(300, 11, SCENARIOS["null"]), data)
+    result = train(TrainConfig(data=data, experiment="null", register=None, alias=None,
+                               cv=CVConfig(n_splits=5, n_repeats=2, n_bootstrap=300)))
+    for name, summary in result.summaries.items():
+        assert abs(summary["auroc_mean"] - 0.5) < 0.08, (name, summary)
+        assert summary["auroc_ci_low"] < 0.5 < summary["auroc_ci_high"], (name, summary)
+    assert result.registered_version is None
