@@ -58,20 +58,33 @@ class ShapExplainer:
             )
         else:
             raise TypeError(f"no exact SHAP explainer for {type(estimator).__name__}")
-        self.base_value = float(np.ravel(self._explainer.expected_value)[0])
 
     def explain(self, X: pd.DataFrame) -> Explanation:
         transformed = self.preprocess.transform(X)
-        values = np.asarray(self._explainer.shap_values(transformed), dtype=np.float64)
+        # The call API returns the base value with the values: TreeExplainer's
+        # `expected_value` attribute is only logit(base_score) for xgboost until a first
+        # explanation has replaced it with the booster's real bias.
+        result = self._explainer(transformed)
         return Explanation(
             feature_names=self.feature_names,
             values=self._in_feature_units(transformed),
-            shap_values=values,
-            base_value=self.base_value,
+            shap_values=np.asarray(result.values, dtype=np.float64),
+            base_value=float(np.ravel(result.base_values)[0]),
         )
 
     def _in_feature_units(self, transformed: np.ndarray) -> np.ndarray:
-        """Undo standardisation so values read as CLR, years, pg/mL... not z-scores."""
+        """Undo standardisation so values read as CLR, years, pg/mL... not z-scores.
+
+        Imputed cells go back to NaN: the explanation shows what the patient gave, not the
+        training median the linear model filled in.
+        """
         scaler = self.preprocess.named_steps.get("scale")
-        values = scaler.inverse_transform(transformed) if scaler is not None else transformed
-        return np.asarray(values, dtype=np.float64)
+        if scaler is None:
+            return np.asarray(transformed, dtype=np.float64)
+        values = np.asarray(scaler.inverse_transform(transformed), dtype=np.float64)
+        position = {name: i for i, name in enumerate(self.feature_names)}
+        for i, name in enumerate(self.feature_names):
+            imputed = position.get(str(name).removeprefix("missingindicator_"))
+            if str(name).startswith("missingindicator_") and imputed is not None:
+                values[values[:, i] == 1, imputed] = np.nan
+        return values

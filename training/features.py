@@ -12,7 +12,6 @@ lineage string. Any taxa may appear: the first step aligns them to the training 
 
 from __future__ import annotations
 
-import math
 import re
 from functools import lru_cache
 
@@ -31,11 +30,14 @@ from training.schema import CLINICAL_FIELDS, RANKS, TREATMENT, Kind
 TAXON_COLUMNS = make_column_selector(pattern=schema.TAXON_PATTERN.pattern)
 CLINICAL_COLUMNS = make_column_selector(pattern=r"^(?!\s*[dkpcofgst]__)")
 
-PHASES: tuple[tuple[str, float], ...] = (
-    ("newly_diagnosed", 3.0),
-    ("persistent", 12.0),
-    ("chronic", math.inf),
-)
+def phases(months: pd.Series) -> dict[str, pd.Series]:
+    """ITP phase by time since diagnosis (IWG): newly diagnosed < 3 months, persistent
+    3-12 months, chronic > 12 months."""
+    return {
+        "newly_diagnosed": months < 3,
+        "persistent": (months >= 3) & (months <= 12),
+        "chronic": months > 12,
+    }
 
 
 def model_input(clinical: pd.DataFrame, counts: pd.DataFrame) -> pd.DataFrame:
@@ -260,11 +262,8 @@ class ClinicalEncoder(TransformerMixin, BaseEstimator):
             if field.kind in (Kind.NUMBER, Kind.BOOLEAN):
                 columns[field.name] = X[field.name].astype(float)
         months = X["months_since_diagnosis"].astype(float)
-        lower = 0.0
-        for phase, upper in PHASES:
-            inside = ((months >= lower) & (months < upper)).astype(float)
-            columns[f"phase={phase}"] = inside.where(months.notna())
-            lower = upper
+        for phase, inside in phases(months).items():
+            columns[f"phase={phase}"] = inside.astype(float).where(months.notna())
         sex = X["sex"].astype(object)
         columns["sex=male"] = (sex == "male").astype(float).where(sex.notna())
         columns["bleeding_severity"] = pd.Series(

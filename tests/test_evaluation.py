@@ -1,0 +1,155 @@
+"""Cross-validation: subject grouping, metric equivalence with scikit-learn, the patient
+bootstrap, calibration, and end-to-end sanity (shuffled labels ~ chance, real signal high)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.special import expit, logit
+from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
+
+from tests.helpers import cohort
+from training.evaluation import (
+    CVConfig,
+    bootstrap,
+    calibration,
+    check_cohort_size,
+    cross_validate,
+    fast_metrics,
+    grouped_splits,
+    summarise,
+)
+from training.model import CANDIDATES, FeatureConfig
+
+
+def _grouped_labels(n_subjects: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """1-3 episodes per subject, labels varying within subjects."""
+    rng = np.random.default_rng(seed)
+    groups = np.repeat(np.arange(n_subjects), rng.integers(1, 4, size=n_subjects))
+    return (rng.random(len(groups)) < 0.4).astype(int), groups
+
+
+def test_grouped_splits_keep_subjects_together_every_repeat() -> None:
+    """A patient's episodes never sit on both sides of a split (leakage via the subject)."""
+    y, groups = _grouped_labels(40, seed=1)
+    config = CVConfig(n_splits=5, n_repeats=3, seed=3)
+    folds: dict[int, np.ndarray] = {r: np.full(len(y), -1) for r in range(config.n_repeats)}
+    for repeat, train, test in grouped_splits(y, groups, config):
+        assert not set(groups[train]) & set(groups[test])
+        assert len(train) + len(test) == len(y)
+        assert (folds[repeat][test] == -1).all()  # each sample tested once per repeat
+        folds[repeat][test] = folds[repeat].max() + 1
+    assert all((f >= 0).all() for f in folds.values())
+
+    def partition(fold: np.ndarray) -> set[frozenset[int]]:
+        return {frozenset(np.flatnonzero(fold == k)) for k in np.unique(fold)}
+
+    assert partition(folds[0]) != partition(folds[1]) != partition(folds[2])
+    assert partition(folds[0]) != partition(folds[2])
+
+
+def test_check_cohort_size_counts_patients_not_samples() -> None:
+    """Five folds need five patients of each class, however many samples they have."""
+    y = np.array([1] * 20 + [0] * 10)
+    groups = np.array([f"R{i % 4}" for i in range(20)] + [f"N{i}" for i in range(10)])
+    with pytest.raises(ValueError, match="only 4 patients among the responders"):
+        check_cohort_size(y, groups, 5)
+    check_cohort_size(y, groups, 4)
+    with pytest.raises(ValueError, match="only 2 patients among the non-responders"):
+        check_cohort_size(np.array([1] * 10 + [0] * 4),
+                          np.array([*range(10), 10, 10, 11, 11]), 3)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fast_metrics_match_sklearn_with_ties(seed: int) -> None:
+    """The vectorised bootstrap metrics are the scikit-learn definitions, ties included."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(8, 80))
+    y = (rng.random(n) < rng.uniform(0.2, 0.8)).astype(int)
+    y[:2] = [0, 1]
+    levels = int(rng.integers(2, 6))  # few distinct values: heavy ties
+    probabilities = np.vstack([rng.integers(0, levels, size=(3, n)) / (levels - 1),
+                               rng.random((1, n))])
+    fast = fast_metrics(y, probabilities)
+    for r, p in enumerate(probabilities):
+        assert fast["auroc"][r] == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+        assert fast["auprc"][r] == pytest.approx(average_precision_score(y, p), abs=1e-12)
+        assert fast["brier"][r] == pytest.approx(brier_score_loss(y, p), abs=1e-12)
+
+
+def _pairs_with_constant_brier(n_pairs: int, seed: int) -> tuple[np.ndarray, ...]:
+    """Pairs of samples sharing a subject and label whose squared errors are c +- d.
+
+    Any resample that keeps pairs whole has Brier exactly c; splitting a pair moves it.
+    """
+    rng = np.random.default_rng(seed)
+    c = 0.09
+    d = rng.uniform(0.01, 0.08, size=n_pairs)
+    labels = np.arange(n_pairs) % 2
+    y = np.repeat(labels, 2)
+    error = np.sqrt(np.column_stack([c + d, c - d]).ravel())
+    oof = np.where(y == 1, 1 - error, error)[None, :]
+    groups = np.repeat([f"P{i}" for i in range(n_pairs)], 2)
+    return y, groups, oof, c
+
+
+def test_bootstrap_resamples_patients_not_samples() -> None:
+    """Every resample keeps both episodes of a patient: Brier is then exactly constant."""
+    y, groups, oof, c = _pairs_with_constant_brier(30, seed=4)
+    boot = bootstrap(y, groups, oof, n_bootstrap=300, seed=1)
+    brier = boot["brier"][~np.isnan(boot["brier"])]
+    assert len(brier) > 290
+    np.testing.assert_allclose(brier, c, rtol=0, atol=1e-12)
+    # control: the same data resampled per sample does vary, so the check above can fail
+    per_sample = bootstrap(y, np.arange(len(y)), oof, n_bootstrap=300, seed=1)["brier"]
+    assert np.nanstd(per_sample) > 1e-3
+
+
+def test_summary_ci_covers_point_estimate() -> None:
+    """The patient-bootstrap 95% interval brackets the mean over repeats."""
+    rng = np.random.default_rng(8)
+    y, groups = _grouped_labels(60, seed=8)
+    oof = expit(1.5 * (y - 0.5) + rng.normal(0, 1.2, size=(3, len(y))))
+    summary = summarise(y, groups, oof, CVConfig(n_repeats=3, n_bootstrap=400, seed=2))
+    for name in ("auroc", "auprc", "brier"):
+        assert summary[f"{name}_ci_low"] < summary[f"{name}_mean"] < summary[f"{name}_ci_high"]
+    assert summary["auroc_ci_high"] - summary["auroc_ci_low"] < 0.4
+    assert summary["n_repeats"] == 3.0
+
+
+def test_calibration_of_calibrated_and_overconfident_probabilities() -> None:
+    """Outcomes drawn from p give slope ~1, intercept ~0; doubling the logits halves the slope."""
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0.05, 0.95, size=20_000)
+    y = (rng.random(p.size) < p).astype(int)
+    calibrated = calibration(y, p)
+    assert calibrated["calibration_slope"] == pytest.approx(1.0, abs=0.08)
+    assert calibrated["calibration_intercept"] == pytest.approx(0.0, abs=0.05)
+    overconfident = calibration(y, expit(2 * logit(p)))
+    assert overconfident["calibration_slope"] == pytest.approx(0.5, abs=0.05)
+
+
+@pytest.fixture(scope="module")
+def cv_config() -> CVConfig:
+    return CVConfig(n_splits=5, n_repeats=2, n_bootstrap=200, seed=7)
+
+
+def test_cross_validate_on_shuffled_labels_is_chance(cv_config: CVConfig) -> None:
+    """A label-shuffle run must score near 0.5 (the field's standard leakage check)."""
+    X, y, groups = cohort(60, seed=5, signal=False)
+    result = cross_validate(CANDIDATES["logistic"].build(FeatureConfig(), 0), X, y, groups,
+                            cv_config)
+    assert result.oof.shape == (2, len(y)) and not np.isnan(result.oof).any()
+    assert 0.3 < result.summary["auroc_mean"] < 0.7
+
+
+def test_cross_validate_finds_a_strong_signal(cv_config: CVConfig) -> None:
+    """When the label follows one genus, out-of-fold AUROC is high and predictions align."""
+    X, y, groups = cohort(60, seed=5, signal=True)
+    result = cross_validate(CANDIDATES["logistic"].build(FeatureConfig(), 0), X, y, groups,
+                            cv_config)
+    assert result.summary["auroc_mean"] > 0.8
+    assert result.summary["auroc_ci_low"] <= result.summary["auroc_mean"]
+    frame = result.predictions(X.index)
+    assert list(frame.columns) == ["subject-id", "responded", "repeat_0", "repeat_1"]
+    assert roc_auc_score(frame["responded"], frame["repeat_0"]) > 0.8
