@@ -75,8 +75,19 @@ ModelDep = Annotated[LoadedModel, Depends(get_model)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
+def _configure_logging(level: str) -> None:
+    """uvicorn configures only its own loggers; give ours a handler once."""
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(level.upper())
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    _configure_logging(settings.log_level)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

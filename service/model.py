@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import mlflow
@@ -145,6 +146,7 @@ def _top(explanation: ShapResult, row: int, top_k: int) -> Explanation:
 
 def load_model(settings: Settings) -> LoadedModel:
     """Fetch, verify and deserialise the configured model, and build its explainer."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if settings.tracking_uri:
         mlflow.set_tracking_uri(settings.tracking_uri)
     stored = registry.load(settings.model_uri, settings.model_sha256)

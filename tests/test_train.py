@@ -7,8 +7,10 @@ import json
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 from mlflow import MlflowClient
+from scipy.special import logit
 
 from tests.conftest import MODEL, Trained, run_cli
 from training import registry
@@ -127,3 +129,28 @@ def test_null_scenario_scores_as_chance(store: str, tmp_path: Path) -> None:
         assert abs(summary["auroc_mean"] - 0.5) < 0.08, (name, summary)
         assert summary["auroc_ci_low"] < 0.5 < summary["auroc_ci_high"], (name, summary)
     assert result.registered_version is None
+
+
+def test_an_xgboost_champion_serves_the_probabilities_of_its_pipeline(
+    store: str, small_cohort: Path, tmp_path: Path
+) -> None:
+    """Through the service's own loading and prediction code (skops allow-list, SHAP)."""
+    from service.model import load_model
+    from service.schemas import Patient
+    from service.settings import Settings
+    from tests.test_e2e import patients_from_cohort
+
+    train(TrainConfig(data=small_cohort, experiment="xgb", candidates=("xgboost",), cv=QUICK))
+    bundle = registry.export_bundle(f"models:/{MODEL}@champion", tmp_path / "bundle")
+    served = load_model(Settings(model_uri=str(bundle)))
+    assert type(served.stored.pipeline[-1]).__name__ == "XGBClassifier"
+    patients, frame = patients_from_cohort(small_cohort, 25)
+    predictions = served.predict([Patient.model_validate(p) for p in patients], explain=True,
+                                 top_k=5, threshold=0.5)
+    expected = served.stored.pipeline.predict_proba(frame)[:, 1]
+    np.testing.assert_allclose([p.probability for p in predictions], expected, atol=1e-5)
+    for prediction in predictions:
+        explanation = prediction.explanation
+        shown = sum(c.shap for c in explanation.contributions)
+        total = explanation.base_value + shown + explanation.other_features.shap
+        assert total == pytest.approx(float(logit(prediction.probability)), abs=1e-6)

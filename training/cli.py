@@ -35,6 +35,7 @@ tracking_option = click.option(
 def main(verbose: bool) -> None:
     """Train and register models of ITP treatment response (microbiome + clinical data)."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
