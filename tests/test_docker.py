@@ -1,0 +1,33 @@
+"""No Docker engine runs here, so the Dockerfile is linted and its promises read."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = (ROOT / "Dockerfile").read_text()
+
+
+def test_hadolint_finds_nothing() -> None:
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or "hadolint"
+    completed = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True,
+                               text=True)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+
+
+def test_slim_base_non_root_user_and_healthcheck_on_health() -> None:
+    assert re.search(r"^FROM python:3\.\d+-slim", DOCKERFILE, re.MULTILINE)
+    users = re.findall(r"^USER\s+(\S+)", DOCKERFILE, re.MULTILINE)
+    assert users and users[-1] not in {"root", "0"}
+    assert re.search(r"^HEALTHCHECK .*\n?.*/health", DOCKERFILE, re.MULTILINE)
+    assert 'CMD ["itp-serve"]' in DOCKERFILE
+
+
+def test_image_serves_a_mounted_bundle_by_default_and_copies_no_data() -> None:
+    assert "ITP_MODEL_URI=/models/itp-response" in DOCKERFILE
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {"data", "models", "mlflow.db", ".venv"} <= set(ignored)
