@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from functools import cached_property
 
 import mlflow
 import numpy as np
@@ -50,9 +51,14 @@ class LoadedModel:
             cv_metrics=meta.get("cv_metrics", {}), feature_schema=meta.get("feature_schema", {}),
         )
 
-    @property
+    @cached_property
     def treatments(self) -> list[str]:
         return list(self.stored.metadata.get("feature_schema", {}).get("treatments", []))
+
+    @cached_property
+    def training_ranges(self) -> dict[str, list[float]]:
+        clinical = self.stored.metadata.get("feature_schema", {}).get("clinical", [])
+        return {f["name"]: f["training_range"] for f in clinical if f.get("training_range")}
 
     def predict(
         self, patients: list[Patient], explain: bool, top_k: int, threshold: float
@@ -84,11 +90,9 @@ class LoadedModel:
                         + (" ..." if len(unknown) > 5 else ""),
             ))
         clinical = patient.clinical.model_dump()
-        ranges = {f["name"]: f.get("training_range") for f in
-                  self.stored.metadata.get("feature_schema", {}).get("clinical", [])}
         outside = []
         for name, value in clinical.items():
-            bounds = ranges.get(name)
+            bounds = self.training_ranges.get(name)
             if isinstance(value, float) and bounds and not bounds[0] <= value <= bounds[1]:
                 outside.append(f"{name}={value:g} (trained on {bounds[0]:g}-{bounds[1]:g})")
         if outside:

@@ -5,13 +5,16 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import click
 
 from training.outcomes import DEFINITIONS, TARGETS
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+T = TypeVar("T")
 
 
 def _tracking(uri: str) -> None:
@@ -160,7 +163,7 @@ def export(model_uri: str, out: Path, tracking_uri: str) -> None:
     click.echo(f"exported {model_uri} to {_or_exit(lambda: export_bundle(model_uri, out))}")
 
 
-def _or_exit(action):  # type: ignore[no-untyped-def]
+def _or_exit(action: Callable[[], T]) -> T:
     """Expected failures (bad data, bad options) -> one clear line, not a traceback."""
     from mlflow.exceptions import MlflowException
 

@@ -51,6 +51,9 @@ TRUSTED_TYPES: list[str] = [
 ]
 
 
+_BOOLEANS = {f.name for f in schema.CLINICAL_FIELDS if f.kind == schema.Kind.BOOLEAN}
+
+
 class ModelIntegrityError(RuntimeError):
     """The model files are not the ones that were registered or exported."""
 
@@ -96,9 +99,6 @@ def example_input(X: pd.DataFrame) -> pd.DataFrame:
             row[column] = values.mode().iloc[0]
     frame = pd.DataFrame([row], index=["example"], columns=X.columns)
     return frame.astype({c: float for c in X.columns if X[c].dtype.kind == "f"})
-
-
-_BOOLEANS = {f.name for f in schema.CLINICAL_FIELDS if f.kind == schema.Kind.BOOLEAN}
 
 
 def _signature(pipeline: Pipeline, example: pd.DataFrame) -> Any:
