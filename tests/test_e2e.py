@@ -63,6 +63,7 @@ def test_training_run_logs_params_metrics_plots_model_and_schema(trained: Traine
     assert metrics["cv_auroc_ci_low"] <= metrics["cv_auroc_mean"] <= metrics["cv_auroc_ci_high"]
     for name in ("cv_auprc_mean", "cv_brier_mean", "cv_calibration_slope_mean"):
         assert name in metrics
+    assert abs(metrics["control_shuffled_auroc"] - 0.5) < 0.12  # label-shuffle control
     assert run.data.params["definition"] == "iwg"
     assert int(run.data.params["n_patients"]) == trained.truth["n_patients"]
     assert run.data.tags["data_fingerprint"] == load_cohort(trained.data).fingerprint

@@ -11,7 +11,7 @@ import json
 import logging
 import platform
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -87,6 +87,8 @@ def train(config: TrainConfig) -> TrainResult:
         log.info("chosen candidate: %s", chosen)
         mlflow.set_tag("chosen_candidate", chosen)
         mlflow.log_metrics({f"cv_{k}": v for k, v in results[chosen].summary.items()})
+        control = _shuffled_label_control(chosen, config, X, y, groups)
+        mlflow.log_metric("control_shuffled_auroc", control)
         _log_figures(results[chosen], f"{chosen} (chosen)")
         mlflow.log_text(results[chosen].predictions(X.index).to_csv(sep="\t"),
                         "cv_predictions.tsv")
@@ -175,6 +177,22 @@ def _evaluate(
                  s["auroc_mean"], s["auroc_ci_low"], s["auroc_ci_high"], s["auprc_mean"],
                  s["brier_mean"])
     return result
+
+
+def _shuffled_label_control(
+    name: str, config: TrainConfig, X: pd.DataFrame, y: np.ndarray, groups: np.ndarray
+) -> float:
+    """CV AUROC of the chosen pipeline with shuffled labels: must be ~0.5, else it leaks.
+
+    One repeat is enough for a sanity check; a value far from 0.5 on a real cohort means
+    information about the label reaches the model by another route.
+    """
+    shuffled = np.random.default_rng(config.cv.seed).permutation(y)
+    control = replace(config.cv, n_repeats=1, n_bootstrap=100)
+    pipeline = CANDIDATES[name].build(config.features, config.cv.seed)
+    auroc = cross_validate(pipeline, X, shuffled, groups, control).summary["auroc_mean"]
+    log.info("shuffled-label control AUROC %.3f (expect ~0.5)", auroc)
+    return auroc
 
 
 def _log_figures(result: CVResult, title: str) -> None:
