@@ -4,7 +4,6 @@ started with uvicorn in a subprocess, called over HTTP."""
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,11 +16,12 @@ import pytest
 from mlflow import MlflowClient
 from scipy.special import logit
 
+from service.payloads import patient_payloads
 from tests.conftest import BIN, MODEL, Server, Trained, start_server, stop_server
 from training import registry
 from training.cohort import load_cohort
 from training.features import model_input
-from training.schema import CLINICAL_FIELDS, Kind
+from training.schema import CLINICAL_FIELDS
 
 pytestmark = pytest.mark.e2e
 
@@ -33,18 +33,7 @@ def patients_from_cohort(data: Path, n: int) -> tuple[list[dict[str, Any]], pd.D
     """The first n episodes of a cohort as API patients, and as the pipeline's raw frame."""
     cohort = load_cohort(data)
     metadata, counts = cohort.metadata.iloc[:n], cohort.counts.iloc[:n]
-    patients = []
-    for sample, row in metadata.iterrows():
-        clinical: dict[str, Any] = {}
-        for field in CLINICAL_FIELDS:
-            value = row[field.name]
-            if value is None or (isinstance(value, float) and math.isnan(value)):
-                continue
-            clinical[field.name] = bool(value) if field.kind == Kind.BOOLEAN else value
-        reads = {taxon: float(c) for taxon, c in counts.loc[sample].items() if c > 0}
-        patients.append({"patient_id": str(sample), "treatment": row["treatment"],
-                         "clinical": clinical, "microbiome": {"counts": reads}})
-    return patients, model_input(metadata, counts)
+    return patient_payloads(metadata, counts), model_input(metadata, counts)
 
 
 def predict(server: Server, patients: list[dict[str, Any]], **options: Any) -> httpx.Response:
