@@ -31,6 +31,8 @@ class FeatureConfig:
 
 def _xgboost(seed: int) -> list[tuple[str, object]]:
     # Shallow trees, strong subsampling: a few hundred samples overfit deeper boosters.
+    # 64 histogram bins: same CV AUROC and Brier as the default 256 on the demo cohorts
+    # (docs/benchmarks.md), at half the fitting time.
     return [
         (
             "model",
@@ -43,6 +45,7 @@ def _xgboost(seed: int) -> list[tuple[str, object]]:
                 colsample_bytree=0.5,
                 reg_lambda=1.0,
                 tree_method="hist",
+                max_bin=64,
                 n_jobs=1,
                 random_state=seed,
             ),

@@ -92,7 +92,8 @@ def example_input(X: pd.DataFrame) -> pd.DataFrame:
         if values.empty:
             row[column] = np.nan if X[column].dtype.kind == "f" else None
         elif schema.is_taxon(column):
-            row[column] = float(np.round(values.median()))
+            median = float(values.median())  # counts stay whole; relative abundances do not
+            row[column] = round(median) if (values % 1 == 0).all() else median
         elif X[column].dtype.kind == "f" and column not in _BOOLEANS:
             row[column] = float(values.median())
         else:
@@ -125,7 +126,24 @@ def log_model(pipeline: Pipeline, X: pd.DataFrame, metadata: dict[str, Any]) -> 
         skops_trusted_types=TRUSTED_TYPES,
         pyfunc_predict_fn="predict_proba",
         metadata={METADATA_KEY: metadata},
+        pip_requirements=requirements(),
     )
+
+
+def requirements() -> list[str]:
+    """What loading and running the model needs, pinned to what trained it.
+
+    Given explicitly, because MLflow otherwise re-imports the model in a subprocess to
+    guess them (7.5 s and ~260 MiB per run, docs/benchmarks.md). The custom transformers
+    live in this project's `training` package, which must be installed beside them.
+    """
+    import scipy
+    import sklearn
+    import xgboost
+
+    modules = {"mlflow": mlflow, "scikit-learn": sklearn, "xgboost": xgboost, "skops": skops,
+               "numpy": np, "pandas": pd, "scipy": scipy}
+    return [f"{name}=={module.__version__}" for name, module in modules.items()]
 
 
 def download(model_uri: str, destination: Path) -> Path:

@@ -1,0 +1,214 @@
+"""Benchmark `itp-train train` as `make run` calls it: wall time, stages and peak memory.
+
+Defaults are the `make run` settings (5 x 5 grouped CV, 1000 patient-bootstrap resamples,
+both candidates, register + export) on simulated cohorts of 400 (the demo) and 1000
+patients. The stage split comes from when the CLI's log lines arrive; peak RSS is sampled
+over the whole process tree, so parallel CV workers (--jobs 2) are counted too.
+
+    .venv/bin/python bench/bench_training.py                  # 400 and 1000 patients, --jobs 1
+    .venv/bin/python bench/bench_training.py --jobs 1,2       # also compare --jobs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from itertools import pairwise
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+MODEL = "itp-response"
+PAGE = os.sysconf("SC_PAGE_SIZE")
+PACKAGES = ("scikit-learn", "xgboost-cpu", "shap", "numpy", "pandas", "mlflow", "joblib")
+
+
+def git_commit() -> str:
+    """HEAD of the checkout being measured, marked `+changes` when the tree is dirty."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
+                              capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, text=True, capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + (" +changes" if dirty.strip() else "")
+
+
+def environment() -> str:
+    """One line describing the machine and library versions the numbers belong to."""
+    cpu = next((line.split(":", 1)[1].strip() for line in
+                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
+               platform.processor() or "unknown CPU")
+    versions = ", ".join(f"{p} {metadata.version(p)}" for p in PACKAGES)
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    commit = git_commit()
+    return (f"{time.strftime('%Y-%m-%d')}; {os.cpu_count()} cores ({cpu}), load average "
+            f"{load} at the end; commit {commit}; Python {platform.python_version()}; {versions}")
+
+
+def tree_rss(root: int) -> int:
+    """Resident bytes of `root` and all its descendants, now (0 for processes gone)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    members, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent]
+        members.update(children)
+        frontier.extend(children)
+    total = 0
+    for pid in members:
+        try:
+            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
+        except OSError:
+            continue
+    return total
+
+
+@dataclass
+class Run:
+    patients: int
+    jobs: int
+    wall: float = 0.0
+    peak_tree: int = 0
+    peak_process: int = 0  # largest single process (ru_maxrss of the reaped tree)
+    events: list[tuple[float, str]] = field(default_factory=list)
+    result: dict[str, object] = field(default_factory=dict)
+
+    def at(self, pattern: str) -> float | None:
+        """Seconds from spawn to the first log line matching `pattern`."""
+        return next((t for t, line in self.events if re.search(pattern, line)), None)
+
+    def episodes(self) -> str:
+        found = (re.search(r"cohort .*: (\d+) episodes", line) for _, line in self.events)
+        return next((m.group(1) for m in found if m), "?")
+
+    def stages(self, candidates: list[str]) -> list[float | None]:
+        """Seconds: start-up + cohort load, CV of each candidate, the shuffled-label control,
+        then refit + SHAP + MLflow logging + registration + export."""
+        marks = [0.0, self.at(r": cohort ")]
+        marks += [self.at(rf": {re.escape(name)}\s+AUROC") for name in candidates]
+        marks += [self.at(r"shuffled-label control AUROC"), self.wall]
+        return [b - a if a is not None and b is not None else None
+                for a, b in pairwise(marks)]
+
+
+def train(data: Path, patients: int, jobs: int, args: argparse.Namespace, workdir: Path
+          ) -> Run:
+    """One `itp-train train` in a fresh SQLite store, sampled every 0.2 s until it exits."""
+    run = Run(patients=patients, jobs=jobs)
+    tag = f"{patients}-j{jobs}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / f'mlflow-{tag}.db'}",
+           "MPLCONFIGDIR": str(workdir / "mpl")}
+    command = [str(BIN / "itp-train"), "train", "--data", str(data), "--experiment", MODEL,
+               "--register", MODEL, "--alias", "champion", "--candidates", args.candidates,
+               "--splits", str(args.splits), "--repeats", str(args.repeats),
+               "--bootstrap", str(args.bootstrap), "--seed", str(args.seed),
+               "--jobs", str(jobs), "--export", str(workdir / f"models-{tag}" / MODEL)]
+    started = time.perf_counter()
+    process = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    stdout: list[str] = []
+
+    def read_stderr() -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            run.events.append((time.perf_counter() - started, line.rstrip()))
+
+    def read_stdout() -> None:
+        assert process.stdout is not None
+        stdout.append(process.stdout.read())
+
+    readers = [threading.Thread(target=read_stderr), threading.Thread(target=read_stdout)]
+    for reader in readers:
+        reader.start()
+    deadline = started + args.timeout
+    while True:
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.perf_counter() > deadline:
+            process.kill()
+            sys.exit(f"itp-train did not finish within {args.timeout}s")
+        run.peak_tree = max(run.peak_tree, tree_rss(process.pid))
+        time.sleep(0.2)
+    run.wall = time.perf_counter() - started
+    process.returncode = os.waitstatus_to_exitcode(status)
+    for reader in readers:
+        reader.join()
+    run.peak_process = usage.ru_maxrss * 1024
+    if process.returncode != 0:
+        tail = "\n".join(line for _, line in run.events[-30:])
+        sys.exit(f"itp-train failed ({process.returncode}):\n{tail}")
+    run.result = json.loads(stdout[0])
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="400,1000", help="cohort sizes (patients)")
+    parser.add_argument("--jobs", default="1", help="comma-separated --jobs values to compare")
+    parser.add_argument("--candidates", default="xgboost,logistic")
+    parser.add_argument("--splits", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per training run")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="keep everything here instead of a temporary directory")
+    args = parser.parse_args()
+    candidates = [c.strip() for c in args.candidates.split(",") if c.strip()]
+
+    from training.simulate import SCENARIOS, simulate, write_cohort
+
+    runs: list[Run] = []
+    with tempfile.TemporaryDirectory(prefix="itp-bench-train-") as tmp:
+        workdir = (args.workdir or Path(tmp)).resolve()
+        workdir.mkdir(parents=True, exist_ok=True)
+        for size in (int(s) for s in args.sizes.split(",")):
+            data = workdir / f"cohort-{size}"
+            write_cohort(simulate(size, args.seed, SCENARIOS["default"]), data)
+            for jobs in (int(j) for j in args.jobs.split(",")):
+                run = train(data, size, jobs, args, workdir)
+                print(f"{size} patients, --jobs {jobs}: {run.wall:.0f}s", file=sys.stderr)
+                runs.append(run)
+
+    print(f"\nTraining benchmark: itp-train train, {args.splits}x{args.repeats} CV, "
+          f"{args.bootstrap} bootstrap, candidates {args.candidates}, register + export\n")
+    print(f"Environment: {environment()}\n")
+    stage_names = ["start-up + load", *(f"CV {c}" for c in candidates),
+                   "shuffled-label control", "refit, SHAP, log, register, export"]
+    print("| patients | episodes | --jobs | wall | " + " | ".join(stage_names)
+          + " | peak RSS, tree | peak RSS, largest process | chosen (CV AUROC) |")
+    print("|---" * (len(stage_names) + 7) + "|")
+    for run in runs:
+        stages = " | ".join("?" if s is None else f"{s:.0f} s" for s in run.stages(candidates))
+        chosen = str(run.result["chosen"])
+        summaries = run.result["summaries"]
+        assert isinstance(summaries, dict)
+        auroc = summaries[chosen]["auroc_mean"]
+        print(f"| {run.patients} | {run.episodes()} | {run.jobs} | {run.wall:.0f} s | {stages} | "
+              f"{run.peak_tree / 2**20:.0f} MiB | {run.peak_process / 2**20:.0f} MiB | "
+              f"{chosen} ({auroc:.3f}) |")
+
+
+if __name__ == "__main__":
+    main()
