@@ -150,8 +150,9 @@ def bleeding_severity(score: str | float | None, scale: str | None) -> float:
     """A bleeding score on any supported scale -> severity in [0, 1] (NaN when absent).
 
     Scores on different scales are not comparable as raw numbers, so the model sees the
-    fraction of each scale's maximum; for ITP-BAT the worst domain grade counts
-    (skin and mucosa 0-4, organ 0-5 where 5 is fatal bleeding, capped at 1).
+    fraction of each scale's maximum; for ITP-BAT the worst domain grade counts, over 4
+    (SMOG grades are "0 to 3 or 4, with grade 5 for any fatal bleeding", Rodeghiero et al.,
+    Blood 2013;121:2596; a fatal grade is capped at 1).
     """
     if score is None or (isinstance(score, float) and math.isnan(score)):
         return math.nan
