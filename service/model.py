@@ -6,6 +6,7 @@ import math
 import os
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -25,7 +26,7 @@ from service.settings import Settings
 from training import registry
 from training.explain import Explanation as ShapResult
 from training.explain import ShapExplainer
-from training.features import model_input
+from training.features import feature_schema, model_input
 from training.schema import CLINICAL_FIELDS, TREATMENT
 
 LOW_READS = 1000
@@ -48,17 +49,22 @@ class LoadedModel:
             source=self.stored.source, sha256=self.stored.digest,
             candidate=meta.get("candidate"), trained_at=meta.get("trained_at"),
             definition=meta.get("definition"), target=meta.get("target"),
-            cv_metrics=meta.get("cv_metrics", {}), feature_schema=meta.get("feature_schema", {}),
+            cv_metrics=meta.get("cv_metrics", {}), feature_schema=self.schema,
         )
 
     @cached_property
+    def schema(self) -> dict[str, Any]:
+        """Read off the fitted pipeline itself: the object that predicts is the authority."""
+        return feature_schema(self.stored.pipeline)
+
+    @cached_property
     def treatments(self) -> list[str]:
-        return list(self.stored.metadata.get("feature_schema", {}).get("treatments", []))
+        return list(self.schema["treatments"])
 
     @cached_property
     def training_ranges(self) -> dict[str, list[float]]:
-        clinical = self.stored.metadata.get("feature_schema", {}).get("clinical", [])
-        return {f["name"]: f["training_range"] for f in clinical if f.get("training_range")}
+        return {f["name"]: f["training_range"] for f in self.schema["clinical"]
+                if f.get("training_range")}
 
     def predict(
         self, patients: list[Patient], explain: bool, top_k: int, threshold: float
