@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -22,42 +21,17 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
+from environment import environment
 
 BIN = Path(sys.executable).parent
 MODEL = "itp-response"
 PACKAGES = ("scikit-learn", "xgboost-cpu", "shap", "numpy", "pandas", "mlflow", "fastapi",
             "uvicorn", "pydantic")
-
-
-def git_commit() -> str:
-    """HEAD of the checkout being measured, marked `+changes` when the tree is dirty."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
-                              capture_output=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=root, text=True, capture_output=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + (" +changes" if dirty.strip() else "")
-
-
-def environment() -> str:
-    """One line describing the machine and library versions the numbers belong to."""
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
-               platform.processor() or "unknown CPU")
-    versions = ", ".join(f"{p} {metadata.version(p)}" for p in PACKAGES)
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    commit = git_commit()
-    return (f"{time.strftime('%Y-%m-%d')}; {os.cpu_count()} cores ({cpu}), load average "
-            f"{load} at the end; commit {commit}; Python {platform.python_version()}; {versions}")
 
 
 def free_port() -> int:
@@ -257,7 +231,7 @@ def main() -> None:
         split = cost_split(bundle, patients, args.batch, args.split_repeats)
 
     print(f"\nService benchmark ({chosen} model, {args.patients}-patient simulated cohort)\n")
-    print(f"Environment: {environment()}\n")
+    print(f"Environment: {environment(PACKAGES)}\n")
     print("| measure | value |")
     print("|---|---|")
     print(f"| start-up to /ready (median of {len(startups)}; all: "

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -22,39 +21,15 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from itertools import pairwise
 from pathlib import Path
+
+from environment import environment
 
 BIN = Path(sys.executable).parent
 MODEL = "itp-response"
 PAGE = os.sysconf("SC_PAGE_SIZE")
 PACKAGES = ("scikit-learn", "xgboost-cpu", "shap", "numpy", "pandas", "mlflow", "joblib")
-
-
-def git_commit() -> str:
-    """HEAD of the checkout being measured, marked `+changes` when the tree is dirty."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
-                              capture_output=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=root, text=True, capture_output=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + (" +changes" if dirty.strip() else "")
-
-
-def environment() -> str:
-    """One line describing the machine and library versions the numbers belong to."""
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
-               platform.processor() or "unknown CPU")
-    versions = ", ".join(f"{p} {metadata.version(p)}" for p in PACKAGES)
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    commit = git_commit()
-    return (f"{time.strftime('%Y-%m-%d')}; {os.cpu_count()} cores ({cpu}), load average "
-            f"{load} at the end; commit {commit}; Python {platform.python_version()}; {versions}")
 
 
 def tree_rss(root: int) -> int:
@@ -193,7 +168,7 @@ def main() -> None:
 
     print(f"\nTraining benchmark: itp-train train, {args.splits}x{args.repeats} CV, "
           f"{args.bootstrap} bootstrap, candidates {args.candidates}, register + export\n")
-    print(f"Environment: {environment()}\n")
+    print(f"Environment: {environment(PACKAGES)}\n")
     stage_names = ["start-up + load", *(f"CV {c}" for c in candidates),
                    "shuffled-label control", "refit, SHAP, log, register, export"]
     print("| patients | episodes | --jobs | wall | " + " | ".join(stage_names)
