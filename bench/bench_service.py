@@ -171,7 +171,9 @@ def cost_split(bundle: Path, patients: list[dict[str, Any]], batch: int, repeats
             "pipeline: features (closure, filter, CLR, diversity, clinical)":
                 lambda a=aligned: pipeline.named_steps["features"].transform(a),
             "SHAP values (explainer only)": lambda t=transformed: shap_explainer(t),
-            "unknown-taxa check": lambda x=X: pipeline.named_steps["align"].unknown_taxa(x),
+            "unknown-taxa check": lambda r=request: [
+                pipeline.named_steps["align"].unknown_taxa(p.microbiome.counts)
+                for p in r.patients],
             "LoadedModel.predict (frame, transform, SHAP, unknown taxa, warnings)":
                 lambda r=request: model.predict(r.patients, True, 10, 0.5),
             "serialise response (pydantic)": lambda r=response: r.model_dump_json(),

@@ -71,7 +71,7 @@ class LoadedModel:
     ) -> list[Prediction]:
         X = inputs(patients)
         explanation = self.explainer.explain(X)
-        unknown = self.explainer.pipeline.named_steps["align"].unknown_taxa(X)
+        aligner = self.explainer.pipeline.named_steps["align"]
         predictions = []
         for i, patient in enumerate(patients):
             probability = float(explanation.probability[i])
@@ -80,7 +80,9 @@ class LoadedModel:
                 probability=probability,
                 label="responder" if probability >= threshold else "non-responder",
                 explanation=_top(explanation, i, top_k) if explain else None,
-                warnings=self._warnings(patient, unknown[i]),
+                warnings=self._warnings(
+                    patient, aligner.unknown_taxa(patient.microbiome.counts)
+                ),
             ))
         return predictions
 

@@ -26,6 +26,7 @@ from training.features import (
     model_input,
 )
 from training.model import CANDIDATES, FeatureConfig
+from training.schema import is_taxon
 
 FAECALI = (
     "d__Bacteria;p__Firmicutes;c__Clostridia;o__Eubacteriales;f__Oscillospiraceae;"
@@ -113,7 +114,8 @@ def test_aligner_reports_unknown_taxa_shares() -> None:
     novel_a = "d__Bacteria;p__Proteobacteria;g__Escherichia"
     novel_b = "k__Bacteria|p__Proteobacteria|g__Klebsiella|s__Klebsiella_oxytoca"
     X = _aligner_frame({FAECALI: [30, 0, 5], novel_a: [60, 0, 0], novel_b: [10, 0, 0]})
-    report = aligner.unknown_taxa(X)
+    report = [aligner.unknown_taxa(row[row.index.map(is_taxon)].to_dict())
+              for _, row in X.iterrows()]
     assert report[0] == pytest.approx({novel_a: 0.6, "d__Bacteria;p__Proteobacteria;"
                                        "g__Klebsiella": 0.1}, abs=1e-15)
     assert report[1] == {}  # no reads at all: nothing to report, no NaN

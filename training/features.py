@@ -13,6 +13,7 @@ lineage string. Any taxa may appear: the first step aligns them to the training 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from functools import lru_cache
 
 import numpy as np
@@ -119,14 +120,23 @@ class TaxonomyAligner(TransformerMixin, BaseEstimator):
         taxa = self._aggregate(X).reindex(columns=self.vocabulary_, fill_value=0.0)
         return pd.concat([X[self.clinical_columns_], taxa], axis=1)
 
-    def unknown_taxa(self, X: pd.DataFrame) -> list[dict[str, float]]:
-        """Per row: each unknown taxon (at the model's rank) and its share of all reads."""
+    def unknown_taxa(self, counts: Mapping[str, float]) -> dict[str, float]:
+        """Taxa of one profile the model never saw (at its rank), with their share of reads.
+
+        Works on the profile as given, one pass over its taxa with the cached lineage
+        parser, so the service can report without aggregating the whole frame again.
+        """
         check_is_fitted(self, "vocabulary_")
-        taxa = self._aggregate(X)
-        totals = taxa.sum(axis=1).replace(0.0, np.nan)
-        unknown = taxa.loc[:, ~taxa.columns.isin(self.vocabulary_)]
-        shares = unknown.div(totals, axis=0).fillna(0.0)
-        return [{k: float(v) for k, v in row.items() if v > 0} for _, row in shares.iterrows()]
+        total = sum(counts.values())
+        if total <= 0:
+            return {}
+        known = set(self.vocabulary_)
+        shares: dict[str, float] = {}
+        for taxon, reads in counts.items():
+            name = lineage_at_rank(taxon, self.rank)
+            if reads > 0 and name not in known:
+                shares[name] = shares.get(name, 0.0) + reads / total
+        return shares
 
     def get_feature_names_out(self, input_features: object = None) -> np.ndarray:
         check_is_fitted(self, "vocabulary_")
