@@ -152,9 +152,7 @@ class Closure(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
 
     def transform(self, X: pd.DataFrame | np.ndarray) -> np.ndarray:
         check_is_fitted(self)
-        values = _nonnegative(validate_data(self, X, reset=False, dtype=float))
-        totals = values.sum(axis=1, keepdims=True)
-        return np.divide(values, totals, out=np.zeros_like(values), where=totals > 0)
+        return _proportions(_nonnegative(validate_data(self, X, reset=False, dtype=float)))
 
 
 class PrevalenceFilter(SelectorMixin, BaseEstimator):
@@ -223,11 +221,10 @@ class AlphaDiversity(TransformerMixin, BaseEstimator):
 
     def transform(self, X: pd.DataFrame | np.ndarray) -> np.ndarray:
         check_is_fitted(self)
-        values = _nonnegative(validate_data(self, X, reset=False, dtype=float))
-        totals = values.sum(axis=1, keepdims=True)
-        proportions = np.divide(values, totals, out=np.zeros_like(values), where=totals > 0)
+        proportions = _proportions(_nonnegative(validate_data(self, X, reset=False,
+                                                              dtype=float)))
         shannon = entropy(proportions, axis=1)
-        shannon[totals[:, 0] == 0] = np.nan
+        shannon[proportions.sum(axis=1) == 0] = np.nan  # no reads: diversity undefined
         observed = (proportions >= self.detection).sum(axis=1).astype(float)
         return np.column_stack([shannon, observed])
 
@@ -291,6 +288,12 @@ class ClinicalEncoder(TransformerMixin, BaseEstimator):
     def get_feature_names_out(self, input_features: object = None) -> np.ndarray:
         check_is_fitted(self, "feature_names_out_")
         return self.feature_names_out_
+
+
+def _proportions(values: np.ndarray) -> np.ndarray:
+    """Closure per row; a row without reads stays all zero rather than NaN."""
+    totals = values.sum(axis=1, keepdims=True)
+    return np.divide(values, totals, out=np.zeros_like(values), where=totals > 0)
 
 
 def _nonnegative(values: np.ndarray) -> np.ndarray:
