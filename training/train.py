@@ -168,7 +168,8 @@ def _evaluate(
         estimator = pipeline[-1]
         mlflow.log_params({f"model.{k}": v for k, v in estimator.get_params().items()
                            if v is not None and not callable(v)})
-        mlflow.set_tag("candidate", name)
+        mlflow.set_tags({"candidate": name,
+                         "mlflow.note.content": CANDIDATES[name].description})
         result = cross_validate(pipeline, X, y, groups, config.cv)
         mlflow.log_metrics({f"cv_{k}": v for k, v in result.summary.items()})
         _log_figures(result, name)
