@@ -179,15 +179,22 @@ async def _validation_error(request: Request, error: Exception) -> JSONResponse:
     for item in error.errors():
         loc = [str(part) for part in item["loc"] if part != "body"]
         patient_id = None
-        if len(loc) >= 2 and loc[0] == "patients" and loc[1].isdigit() and isinstance(
-            patients, list
-        ) and int(loc[1]) < len(patients) and isinstance(patients[int(loc[1])], dict):
-            patient_id = patients[int(loc[1])].get("patient_id")
+        if len(loc) >= 2 and loc[0] == "patients" and loc[1].isdigit():
+            patient_id = _patient_id(patients, int(loc[1]))
             loc = loc[2:]
         problems.append(ValidationProblem(patient_id=patient_id, field=".".join(loc) or "body",
                                           message=item["msg"]))
     return JSONResponse({"detail": [p.model_dump() for p in problems]},
                         status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+
+def _patient_id(patients: Any, index: int) -> str | None:
+    """The caller's id of the index-th patient, as sent (it may itself be the invalid part)."""
+    if not isinstance(patients, list) or index >= len(patients):
+        return None
+    patient = patients[index]
+    value = patient.get("patient_id") if isinstance(patient, dict) else None
+    return None if value is None else str(value)
 
 
 app = create_app()

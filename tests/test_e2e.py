@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from scipy.special import logit
 
 from service.payloads import patient_payloads
-from tests.conftest import BIN, MODEL, Server, Trained, start_server, stop_server
+from tests.conftest import BIN, MODEL, Server, Trained, run_cli, start_server, stop_server
 from training import registry
 from training.cohort import load_cohort
 from training.features import model_input
@@ -91,6 +91,17 @@ def test_logged_model_has_signature_and_loads_as_pyfunc_returning_probabilities(
     probabilities = np.asarray(model.predict(frame))
     assert probabilities.shape[0] == 5
     assert np.all((probabilities >= 0) & (probabilities <= 1))
+
+
+def test_validate_and_export_commands_of_the_readme(trained: Trained, tmp_path: Path) -> None:
+    checked = run_cli("validate", "--data", str(trained.data), cwd=trained.workdir)
+    assert "valid." in checked.stdout
+    assert f"{trained.truth['n_episodes']} episodes" in checked.stdout
+    out = tmp_path / "exported"
+    run_cli("export", "--model", f"models:/{MODEL}@champion", "--out", str(out),
+            cwd=trained.workdir, env=trained.env())
+    bundle = json.loads((out / registry.BUNDLE_FILE).read_text())
+    assert bundle["sha256"] == trained.result["digest"] == registry.digest(out)
 
 
 def test_default_scenario_comes_within_0_1_of_the_best_achievable_auroc(trained: Trained) -> None:
@@ -240,6 +251,18 @@ def test_invalid_input_is_a_422_naming_patient_and_field(
     problems = response.json()["detail"]
     assert any(p["patient_id"] == patients[1]["patient_id"] and p["field"].startswith(field)
                and words in p["message"] for p in problems), problems
+
+
+def test_a_non_string_patient_id_is_a_422_not_a_server_error(
+    bundle_server: Server, trained: Trained
+) -> None:
+    patients, _ = patients_from_cohort(trained.data, 1)
+    patients[0]["patient_id"] = 123
+    patients[0]["clinical"]["age_years"] = -1
+    response = predict(bundle_server, patients)
+    assert response.status_code == 422, response.text
+    fields = {(p["patient_id"], p["field"]) for p in response.json()["detail"]}
+    assert {("123", "patient_id"), ("123", "clinical.age_years")} <= fields
 
 
 def test_duplicate_ids_and_empty_batches_are_rejected(bundle_server: Server,
