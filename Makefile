@@ -26,7 +26,7 @@ run: train serve
 
 train: $(VENV)/.installed $(DEMO)/metadata.tsv
 	$(BIN)/itp-train train --data $(DEMO) --experiment $(MODEL) --register $(MODEL) \
-		--alias champion --export models/$(MODEL)
+		--alias champion --preset fast --jobs 2 --export models/$(MODEL)
 
 serve: $(VENV)/.installed
 	ITP_MODEL_URI=models:/$(MODEL)@champion $(BIN)/itp-serve

@@ -52,7 +52,7 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
-def prepare(workdir: Path, n_patients: int, seed: int, candidates: str, repeats: int,
+def prepare(workdir: Path, n_patients: int, seed: int, families: str, repeats: int,
             bootstrap: int) -> tuple[Path, Path, str]:
     """Simulate a cohort, train and register a model with the CLI, export the bundle."""
     from training.simulate import SCENARIOS, simulate, write_cohort
@@ -62,14 +62,15 @@ def prepare(workdir: Path, n_patients: int, seed: int, candidates: str, repeats:
     bundle = workdir / "models" / MODEL
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}"}
     command = [str(BIN / "itp-train"), "train", "--data", str(data), "--experiment", MODEL,
-               "--register", MODEL, "--alias", "champion", "--candidates", candidates,
-               "--repeats", str(repeats), "--bootstrap", str(bootstrap), "--export", str(bundle)]
+               "--register", MODEL, "--alias", "champion", "--families", families,
+               "--permutations", "0", "--repeats", str(repeats), "--bootstrap", str(bootstrap),
+               "--export", str(bundle)]
     started = time.perf_counter()
     done = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True,
                           timeout=3600)
     if done.returncode != 0:
         sys.exit(f"training failed:\n{done.stderr[-3000:]}")
-    chosen = json.loads(done.stdout)["chosen"]
+    chosen = "{family} ({feature_set})".format(**json.loads(done.stdout)["chosen"])
     print(f"trained {chosen} on {n_patients} patients in {time.perf_counter() - started:.0f}s",
           file=sys.stderr)
     return data, bundle, chosen
@@ -162,7 +163,8 @@ def cost_split(bundle: Path, patients: list[dict[str, Any]], batch: int, repeats
         aligned = pipeline.named_steps["align"].transform(X)
         transformed = pipeline[:-1].transform(X)
         predictions = model.predict(request.patients, True, 10, 0.5)
-        response = PredictResponse(model=model.ref, threshold=0.5, predictions=predictions)
+        response = PredictResponse(model=model.ref, threshold=model.threshold,
+                                   predictions=predictions)
         stages: dict[str, Callable[[], object]] = {
             "validate request (pydantic)": lambda b=body: PredictRequest.model_validate(b),
             "request -> raw frame (model_input)": lambda r=request: inputs(r.patients),
@@ -189,8 +191,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patients", type=int, default=400, help="simulated cohort size")
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--candidates", default="xgboost,logistic",
-                        help="passed to itp-train; one name forces the served model")
+    parser.add_argument("--families", default="linear",
+                        help="passed to itp-train; one name forces the served model family")
     parser.add_argument("--repeats", type=int, default=1,
                         help="CV repeats at training (not what is measured here)")
     parser.add_argument("--bootstrap", type=int, default=100)
@@ -207,7 +209,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="itp-bench-") as tmp:
         workdir = (args.workdir or Path(tmp)).resolve()
         workdir.mkdir(parents=True, exist_ok=True)
-        data, bundle, chosen = prepare(workdir, args.patients, args.seed, args.candidates,
+        data, bundle, chosen = prepare(workdir, args.patients, args.seed, args.families,
                                        args.repeats, args.bootstrap)
         patients = patients_from_cohort(data, max(args.batch, 1))
         single = [{"patients": [patients[i % len(patients)]], "explain": True, "top_k": 10}

@@ -1,9 +1,10 @@
 """Benchmark `itp-train train` as `make run` calls it: wall time, stages and peak memory.
 
-Defaults are the `make run` settings (5 x 5 grouped CV, 1000 patient-bootstrap resamples,
-both candidates, register + export) on simulated cohorts of 400 (the demo) and 1000
-patients. The stage split comes from when the CLI's log lines arrive; peak RSS is sampled
-over the whole process tree, so parallel CV workers (--jobs 2) are counted too.
+Defaults are the `make run` settings (preset fast: nested CV 5 x 1 outer, 3 inner folds,
+5 permutations, 1000 patient-bootstrap resamples, register + export) on simulated cohorts
+of 400 (the demo) and 1000 patients. The stage split comes from when the CLI's log lines
+arrive; peak RSS is sampled over the whole process tree, so parallel workers (--jobs 2) are
+counted too.
 
     .venv/bin/python bench/bench_training.py                  # 400 and 1000 patients, --jobs 1
     .venv/bin/python bench/bench_training.py --jobs 1,2       # also compare --jobs 2
@@ -76,12 +77,12 @@ class Run:
         found = (re.search(r"cohort .*: (\d+) episodes", line) for _, line in self.events)
         return next((m.group(1) for m in found if m), "?")
 
-    def stages(self, candidates: list[str]) -> list[float | None]:
-        """Seconds: start-up + cohort load, CV of each candidate, the shuffled-label control,
-        then refit + SHAP + MLflow logging + registration + export."""
-        marks = [0.0, self.at(r": cohort ")]
-        marks += [self.at(rf": {re.escape(name)}\s+AUROC") for name in candidates]
-        marks += [self.at(r"shuffled-label control AUROC"), self.wall]
+    def stages(self) -> list[float | None]:
+        """Seconds: start-up + cohort load, nested CV (with its figures), the permutation
+        control, then final search + SHAP + MLflow logging + registration + export."""
+        marks = [0.0, self.at(r": cohort "), self.at(r"nested CV AUROC"),
+                 self.at(r"permuted-label control AUROC") or self.at(r"nested CV AUROC"),
+                 self.wall]
         return [b - a if a is not None and b is not None else None
                 for a, b in pairwise(marks)]
 
@@ -94,8 +95,8 @@ def train(data: Path, patients: int, jobs: int, args: argparse.Namespace, workdi
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / f'mlflow-{tag}.db'}",
            "MPLCONFIGDIR": str(workdir / "mpl")}
     command = [str(BIN / "itp-train"), "train", "--data", str(data), "--experiment", MODEL,
-               "--register", MODEL, "--alias", "champion", "--candidates", args.candidates,
-               "--splits", str(args.splits), "--repeats", str(args.repeats),
+               "--register", MODEL, "--alias", "champion", "--preset", args.preset,
+               "--splits", str(args.splits),
                "--bootstrap", str(args.bootstrap), "--seed", str(args.seed),
                "--jobs", str(jobs), "--export", str(workdir / f"models-{tag}" / MODEL)]
     started = time.perf_counter()
@@ -141,16 +142,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="400,1000", help="cohort sizes (patients)")
     parser.add_argument("--jobs", default="1", help="comma-separated --jobs values to compare")
-    parser.add_argument("--candidates", default="xgboost,logistic")
+    parser.add_argument("--preset", default="fast")
     parser.add_argument("--splits", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per training run")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="keep everything here instead of a temporary directory")
     args = parser.parse_args()
-    candidates = [c.strip() for c in args.candidates.split(",") if c.strip()]
 
     from training.simulate import SCENARIOS, simulate, write_cohort
 
@@ -166,20 +165,21 @@ def main() -> None:
                 print(f"{size} patients, --jobs {jobs}: {run.wall:.0f}s", file=sys.stderr)
                 runs.append(run)
 
-    print(f"\nTraining benchmark: itp-train train, {args.splits}x{args.repeats} CV, "
-          f"{args.bootstrap} bootstrap, candidates {args.candidates}, register + export\n")
+    print(f"\nTraining benchmark: itp-train train --preset {args.preset}, {args.splits} outer "
+          f"folds, {args.bootstrap} bootstrap, register + export\n")
     print(f"Environment: {environment(PACKAGES)}\n")
-    stage_names = ["start-up + load", *(f"CV {c}" for c in candidates),
-                   "shuffled-label control", "refit, SHAP, log, register, export"]
+    stage_names = ["start-up + load", "nested CV", "permutation control",
+                   "final search, SHAP, log, register, export"]
     print("| patients | episodes | --jobs | wall | " + " | ".join(stage_names)
           + " | peak RSS, tree | peak RSS, largest process | chosen (CV AUROC) |")
     print("|---" * (len(stage_names) + 7) + "|")
     for run in runs:
-        stages = " | ".join("?" if s is None else f"{s:.0f} s" for s in run.stages(candidates))
-        chosen = str(run.result["chosen"])
+        stages = " | ".join("?" if s is None else f"{s:.0f} s" for s in run.stages())
+        picked = run.result["chosen"]
         summaries = run.result["summaries"]
-        assert isinstance(summaries, dict)
-        auroc = summaries[chosen]["auroc_mean"]
+        assert isinstance(summaries, dict) and isinstance(picked, dict)
+        chosen = f"{picked['family']} ({picked['feature_set']})"
+        auroc = summaries["champion"]["auroc_mean"]
         print(f"| {run.patients} | {run.episodes()} | {run.jobs} | {run.wall:.0f} s | {stages} | "
               f"{run.peak_tree / 2**20:.0f} MiB | {run.peak_process / 2**20:.0f} MiB | "
               f"{chosen} ({auroc:.3f}) |")

@@ -140,10 +140,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 raise _unprocessable(patient.patient_id, "treatment",
                                      f"the model was not trained on {patient.treatment!r}; "
                                      f"it knows {model.treatments}")
+        threshold = config.threshold if config.threshold is not None else model.threshold
         predictions = model.predict(request.patients, request.explain, request.top_k,
-                                    config.threshold)
-        return PredictResponse(model=model.ref, threshold=config.threshold,
-                               predictions=predictions)
+                                    threshold)
+        return PredictResponse(model=model.ref, threshold=threshold, predictions=predictions)
 
     @app.post("/v1/model/reload", tags=["operations"], response_model=ModelInfo,
               summary="Reload the configured model (admin token required)",

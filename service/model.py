@@ -21,13 +21,14 @@ from service.schemas import (
     Patient,
     Prediction,
     PredictionWarning,
+    Recalibration,
 )
 from service.settings import Settings
 from training import registry
 from training.explain import Explanation as ShapResult
-from training.explain import ShapExplainer
+from training.explain import ShapExplainer, display_name
 from training.features import feature_schema, model_input
-from training.schema import CLINICAL_FIELDS, TREATMENT
+from training.schema import CLINICAL_BY_NAME, CLINICAL_FIELDS, TREATMENT, is_taxon
 
 LOW_READS = 1000
 
@@ -44,18 +45,28 @@ class LoadedModel:
 
     def info(self) -> ModelInfo:
         meta = self.stored.metadata
+        model = self.stored.model
         return ModelInfo(
             name=self.stored.name, version=self.stored.version, run_id=self.stored.run_id,
             source=self.stored.source, sha256=self.stored.digest,
             candidate=meta.get("candidate"), trained_at=meta.get("trained_at"),
             definition=meta.get("definition"), target=meta.get("target"),
-            cv_metrics=meta.get("cv_metrics", {}), feature_schema=self.schema,
+            cv_metrics=meta.get("cv_metrics", {}),
+            microbiome_added_value=meta.get("microbiome_added_value", {}),
+            recalibration=Recalibration(intercept=model.intercept_, slope=model.slope_),
+            threshold=model.threshold_, warnings=meta.get("warnings", []),
+            feature_schema=self.schema,
         )
+
+    @property
+    def threshold(self) -> float:
+        """The decision threshold chosen in training (on out-of-fold predictions)."""
+        return float(self.stored.model.threshold_)
 
     @cached_property
     def schema(self) -> dict[str, Any]:
         """Read off the fitted pipeline itself: the object that predicts is the authority."""
-        return feature_schema(self.stored.pipeline)
+        return feature_schema(self.stored.model)
 
     @cached_property
     def treatments(self) -> list[str]:
@@ -138,6 +149,10 @@ def inputs(patients: list[Patient]) -> pd.DataFrame:
     return model_input(clinical, counts)
 
 
+def _finite(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
 def _top(explanation: ShapResult, row: int, top_k: int) -> Explanation:
     shap_values = explanation.shap_values[row]
     order = np.argsort(-np.abs(shap_values), kind="stable")
@@ -146,8 +161,12 @@ def _top(explanation: ShapResult, row: int, top_k: int) -> Explanation:
         base_value=explanation.base_value,
         contributions=[
             Contribution(
-                feature=str(explanation.feature_names[j]),
-                value=None if math.isnan(v := float(explanation.values[row, j])) else v,
+                feature=(name := str(explanation.feature_names[j])),
+                label=display_name(name),
+                unit=_unit(name),
+                value=_finite(float(explanation.values[row, j])),
+                relative_abundance_pct=_finite(100 * float(
+                    explanation.relative_abundance[row, j])),
                 shap=float(shap_values[j]),
             )
             for j in shown
@@ -156,10 +175,17 @@ def _top(explanation: ShapResult, row: int, top_k: int) -> Explanation:
     )
 
 
+def _unit(feature: str) -> str | None:
+    if is_taxon(feature):
+        return "CLR"
+    field = CLINICAL_BY_NAME.get(feature)
+    return field.unit if field else None
+
+
 def load_model(settings: Settings) -> LoadedModel:
     """Fetch, verify and deserialise the configured model, and build its explainer."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if settings.tracking_uri:
         mlflow.set_tracking_uri(settings.tracking_uri)
     stored = registry.load(settings.model_uri, settings.model_sha256)
-    return LoadedModel(stored=stored, explainer=ShapExplainer(stored.pipeline))
+    return LoadedModel(stored=stored, explainer=ShapExplainer(stored.model))

@@ -121,11 +121,21 @@ class PredictRequest(BaseModel):
 
 
 class Contribution(BaseModel):
-    feature: str = Field(..., description="Model feature: a taxon lineage (value = CLR of its "
-                         "relative abundance), a diversity index, or a clinical feature.")
+    feature: str = Field(..., description="Input feature: a taxon lineage (value = CLR of its "
+                         "relative abundance), a diversity index, a clinical field or a "
+                         "treatment indicator. A field's treatment interactions and "
+                         "missing-value indicator are summed into the field.")
+    label: str = Field(..., description="Readable name: the genus (or deepest rank) of a "
+                       "taxon, else the field name.", examples=["Bacteroides (genus)"])
+    unit: str | None = Field(None, description="Unit of `value`: CLR for taxa (log-ratio to "
+                             "the sample's geometric mean; compositional, so a taxon's value "
+                             "moves when others change), the clinical unit otherwise.")
     value: float | None = Field(..., description="The feature's value for this patient, in "
                                 "its own unit; null when missing.")
-    shap: float = Field(..., description="Contribution to the log-odds of response.")
+    relative_abundance_pct: float | None = Field(None, description="For taxa: share of the "
+                                                 "profile's reads, in %.")
+    shap: float = Field(..., description="Contribution to the recalibrated log-odds of "
+                        "response.")
 
 
 class OtherFeatures(BaseModel):
@@ -135,8 +145,8 @@ class OtherFeatures(BaseModel):
 
 class Explanation(BaseModel):
     space: Literal["log_odds"] = "log_odds"
-    base_value: float = Field(..., description="Log-odds of response of the reference "
-                              "(average training) patient.")
+    base_value: float = Field(..., description="Recalibrated log-odds of response of the "
+                              "reference (average training) patient.")
     contributions: list[Contribution] = Field(..., description="The top_k contributions by "
                                               "absolute size, largest first.")
     other_features: OtherFeatures = Field(..., description="base_value + sum(contributions) + "
@@ -165,8 +175,15 @@ class ModelRef(BaseModel):
 
 class PredictResponse(BaseModel):
     model: ModelRef
-    threshold: float = Field(..., description="Probability cut-off used for `label`.")
+    threshold: float = Field(..., description="Probability cut-off used for `label`: the "
+                             "model's own (chosen in training) unless ITP_THRESHOLD is set.")
     predictions: list[Prediction]
+
+
+class Recalibration(BaseModel):
+    intercept: float = Field(..., description="Served log-odds = intercept + slope x the "
+                             "tuned model's log-odds (fitted on out-of-fold predictions).")
+    slope: float = Field(..., description="Below 1 shrinks overconfident predictions.")
 
 
 class ModelInfo(BaseModel):
@@ -179,8 +196,18 @@ class ModelInfo(BaseModel):
     trained_at: str | None = None
     definition: str | None = Field(None, description="Response definition (iwg, iwg_or, ge50).")
     target: str | None = None
-    cv_metrics: dict[str, float] = Field(default_factory=dict, description="Cross-validated "
-                                         "metrics: mean over repeats and 95% CI.")
+    cv_metrics: dict[str, float] = Field(default_factory=dict, description="Nested "
+                                         "cross-validated metrics of the whole training "
+                                         "procedure (selection included): mean over repeats "
+                                         "and 95% CI.")
+    microbiome_added_value: dict[str, float] = Field(
+        default_factory=dict, description="Combined minus clinical-only AUROC on the same "
+        "outer folds, with a paired patient-bootstrap 95% CI.")
+    recalibration: Recalibration | None = None
+    threshold: float | None = Field(None, description="Decision threshold chosen in training "
+                                    "(Youden's J on out-of-fold predictions, or fixed).")
+    warnings: list[str] = Field(default_factory=list, description="What training flagged: "
+                                "a constant model, no microbiome added value.")
     feature_schema: dict[str, Any] = Field(default_factory=dict)
 
 

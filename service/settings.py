@@ -24,8 +24,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     log_level: str = "info"
-    threshold: float = Field(0.5, gt=0, lt=1, description="Probability above which the "
-                             "label is 'responder'.")
+    threshold: float | None = Field(None, gt=0, lt=1, description="Probability at or above "
+                                    "which the label is 'responder'; default: the threshold "
+                                    "the model chose in training.")
     max_batch: int = Field(512, ge=1, description="Most patients accepted in one request.")
     admin_token: SecretStr | None = Field(
         None, description="Bearer token for POST /v1/model/reload; reload is off when unset."

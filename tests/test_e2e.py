@@ -52,7 +52,6 @@ def test_training_run_logs_params_metrics_plots_model_and_schema(trained: Traine
     assert metrics["cv_auroc_ci_low"] <= metrics["cv_auroc_mean"] <= metrics["cv_auroc_ci_high"]
     for name in ("cv_auprc_mean", "cv_brier_mean", "cv_calibration_slope_mean"):
         assert name in metrics
-    assert abs(metrics["control_shuffled_auroc"] - 0.5) < 0.12  # label-shuffle control
     assert run.data.params["definition"] == "iwg"
     assert int(run.data.params["n_patients"]) == trained.truth["n_patients"]
     assert run.data.tags["data_fingerprint"] == load_cohort(trained.data).fingerprint
@@ -63,8 +62,15 @@ def test_training_run_logs_params_metrics_plots_model_and_schema(trained: Traine
     children = client.search_runs(
         [run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'"
     )
-    assert {c.data.tags["candidate"] for c in children} == {"xgboost", "logistic"}
+    assert {c.data.tags.get("set") for c in children} >= {"clinical", "microbiome", "combined"}
     assert all("cv_auroc_mean" in c.data.metrics for c in children)
+    assert {"decision_curve.png", "pr_curve.png", "shap_stability.png", "model_comparison.png",
+            "model_comparison.json", "outer_fold_choices.json", "inner_search.json"} <= artifacts
+    for name in ("cv_calibration_slope_ci_low", "cv_calibration_in_the_large_mean",
+                 "combined_vs_clinical_auroc_difference", "shap_rank_spearman",
+                 "recalibration_slope", "decision_threshold"):
+        assert name in metrics, name
+    assert abs(metrics["control_permuted_auroc"] - 0.5) < 0.1
 
 
 def test_champion_alias_points_at_a_version_whose_digest_matches_the_bundle(
@@ -104,13 +110,6 @@ def test_validate_and_export_commands_of_the_readme(trained: Trained, tmp_path: 
     assert bundle["sha256"] == trained.result["digest"] == registry.digest(out)
 
 
-def test_default_scenario_comes_within_0_1_of_the_best_achievable_auroc(trained: Trained) -> None:
-    chosen = trained.result["summaries"][trained.result["chosen"]]
-    best = trained.truth["best_auroc"]
-    assert chosen["auroc_mean"] > 0.6
-    assert best - chosen["auroc_mean"] < 0.1, (best, chosen)
-
-
 # --- service over HTTP ----------------------------------------------------------------------
 
 
@@ -121,9 +120,13 @@ def test_health_ready_and_model_description(registry_server: Server, trained: Tr
     assert info["name"] == MODEL
     assert info["version"] == str(trained.result["registered_version"])
     assert info["run_id"] == trained.result["run_id"]
-    assert info["trained_at"] and info["candidate"] == trained.result["chosen"]
+    chosen = trained.result["chosen"]
+    assert info["trained_at"] and info["candidate"] == (
+        f"{chosen['family']} ({chosen['feature_set']})")
     assert info["cv_metrics"]["auroc_mean"] == pytest.approx(
-        trained.result["summaries"][trained.result["chosen"]]["auroc_mean"])
+        trained.result["summaries"]["champion"]["auroc_mean"])
+    assert info["recalibration"]["slope"] > 0 and 0 < info["threshold"] < 1
+    assert set(info["microbiome_added_value"]) == {"auroc_difference", "ci_low", "ci_high"}
     schema = info["feature_schema"]
     assert schema["rank"] == "genus" and len(schema["taxa_vocabulary"]) >= 100
     platelets = next(f for f in schema["clinical"] if f["name"] == "baseline_platelets")
@@ -147,6 +150,15 @@ def test_one_patient_shap_sums_exactly_to_the_log_odds(
     assert total == pytest.approx(logit(prediction["probability"]), abs=1e-6)
     shaps = [abs(c["shap"]) for c in explanation["contributions"]]
     assert shaps == sorted(shaps, reverse=True)
+    by_feature = {c["feature"]: c for c in explanation["contributions"]}
+    assert not [f for f in by_feature if "|" in f or f.startswith("missingindicator_")]
+    taxa = [c for f, c in by_feature.items() if f.startswith("d__")]
+    assert taxa and all(c["unit"] == "CLR" and c["label"].endswith("(genus)") for c in taxa)
+    assert all(0 <= c["relative_abundance_pct"] <= 100 for c in taxa)
+    assert sum(c["relative_abundance_pct"] for c in taxa) <= 100 + 1e-6
+    assert by_feature["baseline_platelets"]["unit"] == "x10^9/L"
+    assert by_feature["baseline_platelets"]["value"] == patients[0]["clinical"][
+        "baseline_platelets"]
 
 
 def test_top_k_lists_the_largest_and_sums_the_rest(registry_server: Server,
@@ -172,12 +184,14 @@ def test_batch_predictions_equal_the_training_pipeline(bundle_server: Server,
     predictions = response.json()["predictions"]
     assert [p["patient_id"] for p in predictions] == [p["patient_id"] for p in patients]
     assert all(p["explanation"] is None for p in predictions)
-    pipeline = registry.load(str(trained.bundle)).pipeline
-    expected = pipeline.predict_proba(frame)[:, 1]
+    model = registry.load(str(trained.bundle)).model
+    expected = model.predict_proba(frame)[:, 1]
     served = np.array([p["probability"] for p in predictions])
     np.testing.assert_allclose(served, expected, atol=1e-5)
-    labels = {p["label"] for p in predictions}
-    assert labels <= {"responder", "non-responder"}
+    threshold = response.json()["threshold"]
+    assert threshold == pytest.approx(model.threshold_)  # the model's own, chosen in training
+    for p in predictions:
+        assert p["label"] == ("responder" if p["probability"] >= threshold else "non-responder")
 
 
 def test_unknown_taxa_are_reported_with_their_share_of_reads(

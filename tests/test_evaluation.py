@@ -4,6 +4,7 @@ bootstrap, calibration, and end-to-end sanity (shuffled labels ~ chance, real si
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy.special import expit, logit
 from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
@@ -17,9 +18,13 @@ from training.evaluation import (
     cross_validate,
     fast_metrics,
     grouped_splits,
+    net_benefit,
+    paired_difference,
+    permuted_by_patient,
+    shap_stability,
     summarise,
 )
-from training.model import CANDIDATES, FeatureConfig
+from training.model import FAMILIES, FeatureConfig
 
 
 def _grouped_labels(n_subjects: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -117,16 +122,65 @@ def test_summary_ci_covers_point_estimate() -> None:
     assert summary["n_repeats"] == 3.0
 
 
-def test_calibration_of_calibrated_and_overconfident_probabilities() -> None:
-    """Outcomes drawn from p give slope ~1, intercept ~0; doubling the logits halves the slope."""
+def test_calibration_of_calibrated_overconfident_and_shifted_probabilities() -> None:
+    """Outcomes drawn from p: slope ~1, in-the-large ~0. Doubling the logits halves the slope;
+    shifting them by +0.5 gives in-the-large -0.5 with the slope still ~1 (the intercept of
+    the slope fit would not say so when the slope is off)."""
     rng = np.random.default_rng(0)
     p = rng.uniform(0.05, 0.95, size=20_000)
     y = (rng.random(p.size) < p).astype(int)
     calibrated = calibration(y, p)
     assert calibrated["calibration_slope"] == pytest.approx(1.0, abs=0.08)
-    assert calibrated["calibration_intercept"] == pytest.approx(0.0, abs=0.05)
+    assert calibrated["calibration_in_the_large"] == pytest.approx(0.0, abs=0.05)
     overconfident = calibration(y, expit(2 * logit(p)))
     assert overconfident["calibration_slope"] == pytest.approx(0.5, abs=0.05)
+    shifted = calibration(y, expit(logit(p) + 0.5))
+    assert shifted["calibration_in_the_large"] == pytest.approx(-0.5, abs=0.05)
+    assert shifted["calibration_slope"] == pytest.approx(1.0, abs=0.08)
+
+
+def test_paired_difference_of_a_model_with_itself_is_exactly_zero() -> None:
+    rng = np.random.default_rng(3)
+    y, groups = _grouped_labels(60, seed=3)
+    oof = expit(1.5 * (y - 0.5) + rng.normal(0, 1.2, size=(1, len(y))))
+    config = CVConfig(n_repeats=1, n_bootstrap=200)
+    same = paired_difference(y, groups, oof, oof, config)
+    assert same == {"auroc_difference": 0.0, "ci_low": 0.0, "ci_high": 0.0}
+    noise = rng.random((1, len(y)))
+    better = paired_difference(y, groups, oof, noise, config)
+    assert better["ci_low"] > 0 and better["auroc_difference"] > 0.2
+
+
+def test_net_benefit_of_perfect_predictions_and_of_treating_all() -> None:
+    y = np.array([1] * 30 + [0] * 70)
+    thresholds = np.array([0.1, 0.3, 0.5])
+    curve = net_benefit(y, y.astype(float), thresholds)
+    np.testing.assert_allclose(curve["model"], 0.3)  # every responder found, no false ones
+    np.testing.assert_allclose(curve["treat_all"], 0.3 - 0.7 * thresholds / (1 - thresholds))
+    np.testing.assert_allclose(curve["treat_none"], 0.0)
+
+
+def test_permutation_by_patient_moves_whole_label_vectors() -> None:
+    y = np.array([1, 0, 1, 1, 1, 0, 0, 0, 1])
+    groups = np.array(["A", "A", "B", "C", "C", "D", "E", "E", "F"])
+    blocks = {g: tuple(y[groups == g]) for g in np.unique(groups)}
+    seen = set()
+    for seed in range(30):
+        permuted = permuted_by_patient(y, groups, np.random.default_rng(seed))
+        new = {g: tuple(permuted[groups == g]) for g in np.unique(groups)}
+        assert sorted(new.values()) == sorted(blocks.values())  # same blocks, reassigned
+        seen.add(tuple(permuted))
+    assert len(seen) > 3
+
+
+def test_shap_stability_of_identical_and_of_unrelated_rankings() -> None:
+    names = [f"f{i}" for i in range(20)]
+    ranking = pd.Series(np.arange(20.0, 0, -1), index=names)
+    same = shap_stability([ranking, ranking, ranking])
+    assert same == {"shap_rank_spearman": 1.0, "shap_top10_jaccard": 1.0}
+    reversed_ = shap_stability([ranking, pd.Series(np.arange(1.0, 21), index=names)])
+    assert reversed_["shap_rank_spearman"] == pytest.approx(-1.0)
+    assert reversed_["shap_top10_jaccard"] == 0.0
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +191,7 @@ def cv_config() -> CVConfig:
 def test_cross_validate_on_shuffled_labels_is_chance(cv_config: CVConfig) -> None:
     """A label-shuffle run must score near 0.5 (the field's standard leakage check)."""
     X, y, groups = cohort(60, seed=5, signal=False)
-    result = cross_validate(CANDIDATES["logistic"].build(FeatureConfig(), 0), X, y, groups,
+    result = cross_validate(FAMILIES["linear"].build(FeatureConfig(), 0), X, y, groups,
                             cv_config)
     assert result.oof.shape == (2, len(y)) and not np.isnan(result.oof).any()
     assert 0.3 < result.summary["auroc_mean"] < 0.7
@@ -146,7 +200,7 @@ def test_cross_validate_on_shuffled_labels_is_chance(cv_config: CVConfig) -> Non
 def test_cross_validate_finds_a_strong_signal(cv_config: CVConfig) -> None:
     """When the label follows one genus, out-of-fold AUROC is high and predictions align."""
     X, y, groups = cohort(60, seed=5, signal=True)
-    result = cross_validate(CANDIDATES["logistic"].build(FeatureConfig(), 0), X, y, groups,
+    result = cross_validate(FAMILIES["linear"].build(FeatureConfig(), 0), X, y, groups,
                             cv_config)
     assert result.summary["auroc_mean"] > 0.8
     assert result.summary["auroc_ci_low"] <= result.summary["auroc_mean"]

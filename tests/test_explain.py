@@ -1,5 +1,5 @@
-"""SHAP explanations: additivity to the model's own log-odds, named features, and values
-reported in the units a clinician reads (years, x10^9/L, CLR), for every shipped estimator."""
+"""SHAP explanations: exact additivity to the served (recalibrated) log-odds, one named input
+feature per contribution, and values in the units a clinician reads, for every family."""
 
 from __future__ import annotations
 
@@ -7,135 +7,149 @@ import numpy as np
 import pandas as pd
 import pytest
 import xgboost
-from scipy.special import expit, logit
+from scipy.special import expit
 from sklearn.dummy import DummyClassifier
 from sklearn.pipeline import Pipeline
 
 from tests.helpers import cohort
-from training.explain import ShapExplainer
+from training.explain import ShapExplainer, display_name
 from training.features import feature_steps
-from training.model import CANDIDATES, FeatureConfig
+from training.model import FAMILIES, FeatureConfig
+from training.structure import INTERACTION
+from training.tuning import ResponseModel
+
+PARAMS = {"linear": {"design__interactions": 1.0, "design__microbiome": 1.0, "model__C": 1.0},
+          "xgboost": {"model__n_estimators": 60}}
 
 
 @pytest.fixture(scope="module")
-def data() -> tuple[pd.DataFrame, np.ndarray]:
-    X, y, _ = cohort(50, seed=21)
-    return X, y
+def data() -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    return cohort(90, seed=21)
 
 
 @pytest.fixture(scope="module")
-def fitted(data: tuple[pd.DataFrame, np.ndarray]) -> dict[str, Pipeline]:
-    X, y = data
-    return {name: c.build(FeatureConfig(), 0).fit(X, y) for name, c in CANDIDATES.items()}
+def fitted(data: tuple[pd.DataFrame, np.ndarray, np.ndarray]) -> dict[str, ResponseModel]:
+    X, y, groups = data
+    return {
+        name: ResponseModel(family.build(FeatureConfig(), 0).set_params(**PARAMS[name]),
+                            n_splits=3, seed=0).fit(X, y, groups)
+        for name, family in FAMILIES.items()
+    }
 
 
-@pytest.mark.parametrize("name", ["xgboost", "logistic"])
-def test_shap_adds_up_to_model_log_odds(
-    name: str, fitted: dict[str, Pipeline], data: tuple[pd.DataFrame, np.ndarray]
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_shap_adds_up_to_the_recalibrated_log_odds(
+    name: str, fitted: dict[str, ResponseModel], data: tuple[pd.DataFrame, ...]
 ) -> None:
-    """base_value + sum(shap) is the model's log-odds, so the API's numbers add up."""
-    X, _ = data
-    pipeline = fitted[name]
-    explanation = ShapExplainer(pipeline).explain(X)
-    model_log_odds = logit(pipeline.predict_proba(X)[:, 1].astype(np.float64))
-    total = explanation.base_value + explanation.shap_values.sum(axis=1)
-    np.testing.assert_allclose(total, model_log_odds, rtol=0, atol=1e-5)
-    np.testing.assert_allclose(explanation.log_odds, total, rtol=0, atol=1e-12)
-    np.testing.assert_allclose(explanation.probability, pipeline.predict_proba(X)[:, 1],
-                               rtol=0, atol=1e-6)
+    """base_value + sum(shap) is the served log-odds exactly, recalibration included
+    (to float64 for the linear model, to xgboost's float32 margin for trees)."""
+    X = data[0]
+    model = fitted[name]
+    assert model.slope_ != pytest.approx(1.0, abs=1e-3)  # the rescaling is really exercised
+    explanation = ShapExplainer(model).explain(X)
+    atol = 1e-9 if name == "linear" else 1e-5
+    np.testing.assert_allclose(explanation.log_odds, model.decision_function(X),
+                               rtol=0, atol=atol)
+    np.testing.assert_allclose(explanation.probability, model.predict_proba(X)[:, 1],
+                               rtol=0, atol=atol)
 
 
-@pytest.mark.parametrize("name", sorted(CANDIDATES))
-def test_explanation_shapes_names_and_internal_consistency(
-    name: str, fitted: dict[str, Pipeline], data: tuple[pd.DataFrame, np.ndarray]
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_recalibrated_shap_is_the_pipeline_shap_times_the_slope(
+    name: str, fitted: dict[str, ResponseModel], data: tuple[pd.DataFrame, ...]
 ) -> None:
-    """One named column per model feature; probability is expit(log_odds) in float64."""
-    X, _ = data
-    pipeline = fitted[name]
-    explanation = ShapExplainer(pipeline).explain(X.iloc[:7])
-    names = list(pipeline[:-1].get_feature_names_out())
-    assert list(explanation.feature_names) == names
+    X = data[0].iloc[:20]
+    model = fitted[name]
+    served = ShapExplainer(model).explain(X)
+    raw = ShapExplainer(model.pipeline_).explain(X)
+    np.testing.assert_allclose(served.shap_values, model.slope_ * raw.shap_values, atol=1e-12)
+    assert served.base_value == pytest.approx(model.intercept_ + model.slope_ * raw.base_value,
+                                              abs=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_one_contribution_per_input_feature_and_batch_invariance(
+    name: str, fitted: dict[str, ResponseModel], data: tuple[pd.DataFrame, ...]
+) -> None:
+    X = data[0]
+    model = fitted[name]
+    explanation = ShapExplainer(model).explain(X.iloc[:7])
+    names = [str(n) for n in explanation.feature_names]
+    assert not [n for n in names if INTERACTION in n or n.startswith("missingindicator_")]
+    assert "age_years" in names and any(n.startswith("d__") for n in names)
     assert explanation.shap_values.shape == explanation.values.shape == (7, len(names))
-    assert explanation.shap_values.dtype == np.float64
     np.testing.assert_allclose(explanation.probability, expit(explanation.log_odds), atol=0)
-    # a row explained alone gets the same contributions as in a batch
-    alone = ShapExplainer(pipeline).explain(X.iloc[[3]])
+    alone = ShapExplainer(model).explain(X.iloc[[3]])
     np.testing.assert_allclose(alone.shap_values[0], explanation.shap_values[3], atol=1e-9)
 
 
+def test_interactions_are_summed_into_their_field(
+    fitted: dict[str, ResponseModel], data: tuple[pd.DataFrame, ...]
+) -> None:
+    """A field's main effect and its treatment interactions are one contribution."""
+    X = data[0]
+    pipeline = fitted["linear"].pipeline_
+    design = pipeline.named_steps["design"]
+    names = list(design.get_feature_names_out())
+    assert any(n.startswith(f"age_years{INTERACTION}") for n in names)
+    coefficients = pipeline[-1].coef_[0]
+    inputs = pipeline[:-2].transform(X)
+    z = design.transform(inputs)
+    columns = [i for i, n in enumerate(names) if n.split(INTERACTION)[0] == "age_years"]
+    expected = (coefficients[columns] * z[:, columns]).sum(axis=1)  # zero background
+    explanation = ShapExplainer(pipeline).explain(X)
+    age = list(explanation.feature_names).index("age_years")
+    np.testing.assert_allclose(explanation.shap_values[:, age], expected, atol=1e-9)
+
+
 def test_xgboost_contributions_match_booster(
-    fitted: dict[str, Pipeline], data: tuple[pd.DataFrame, np.ndarray]
+    fitted: dict[str, ResponseModel], data: tuple[pd.DataFrame, ...]
 ) -> None:
-    """Per-feature SHAP values are xgboost's own exact pred_contribs (path-dependent TreeSHAP)."""
-    X, _ = data
-    pipeline = fitted["xgboost"]
-    transformed = pipeline[:-1].transform(X)
-    contribs = pipeline[-1].get_booster().predict(xgboost.DMatrix(transformed),
-                                                  pred_contribs=True)
-    explanation = ShapExplainer(pipeline).explain(X)
-    np.testing.assert_allclose(explanation.shap_values, contribs[:, :-1], rtol=0, atol=1e-6)
+    """Per-feature SHAP values are xgboost's own exact pred_contribs, times the slope."""
+    X = data[0]
+    model = fitted["xgboost"]
+    pipeline = model.pipeline_
+    contribs = pipeline[-1].get_booster().predict(
+        xgboost.DMatrix(pipeline[:-1].transform(X)), pred_contribs=True)
+    explanation = ShapExplainer(model).explain(X)
+    np.testing.assert_allclose(explanation.shap_values, model.slope_ * contribs[:, :-1],
+                               rtol=0, atol=1e-6)
+    assert explanation.base_value == pytest.approx(
+        model.intercept_ + model.slope_ * float(contribs[0, -1]), abs=1e-6)
 
 
-def test_xgboost_base_value_is_booster_bias(
-    fitted: dict[str, Pipeline], data: tuple[pd.DataFrame, np.ndarray]
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_values_are_in_their_own_units_and_missing_stays_missing(
+    name: str, fitted: dict[str, ResponseModel], data: tuple[pd.DataFrame, ...]
 ) -> None:
-    """The reference log-odds must be the bias column of pred_contribs, not base_score alone."""
-    pipeline = fitted["xgboost"]
-    n_features = len(pipeline[:-1].get_feature_names_out())
-    bias = pipeline[-1].get_booster().predict(
-        xgboost.DMatrix(np.zeros((1, n_features))), pred_contribs=True
-    )[0, -1]
-    explanation = ShapExplainer(pipeline).explain(data[0].iloc[:3])
-    assert explanation.base_value == pytest.approx(float(bias), abs=1e-6)
-
-
-def test_logistic_values_are_in_original_units(
-    fitted: dict[str, Pipeline], data: tuple[pd.DataFrame, np.ndarray]
-) -> None:
-    """Values undo the scaler: age reads in years and platelets in x10^9/L, not z-scores."""
-    X, _ = data
-    pipeline = fitted["logistic"]
-    explanation = ShapExplainer(pipeline).explain(X)
+    """Age reads in years and platelets in x10^9/L (not z-scores or logs); an age the patient
+    never gave is shown as missing, not as the imputed median."""
+    X = data[0]
+    explanation = ShapExplainer(fitted[name]).explain(X)
     names = list(explanation.feature_names)
     for column in ("age_years", "baseline_platelets", "prior_lines"):
-        known = X[column].notna().to_numpy()
-        np.testing.assert_allclose(explanation.values[known, names.index(column)],
-                                   X.loc[known, column], rtol=0, atol=1e-9)
-    unscaled = pipeline[:-2].transform(X)  # features after imputation, before scaling
-    shown = np.isfinite(explanation.values)  # imputed cells may (rightly) read as missing
-    taxa = [i for i, n in enumerate(names) if n.startswith("d__")]
-    assert len(taxa) > 5 and shown[:, taxa].all()  # CLR values are never missing
-    np.testing.assert_allclose(explanation.values[shown], unscaled[shown], rtol=0, atol=1e-9)
-    assert not np.allclose(explanation.values, pipeline[:-1].transform(X))
+        np.testing.assert_array_equal(explanation.values[:, names.index(column)],
+                                      X[column].to_numpy(dtype=float))
+    assert X["age_years"].isna().any()
 
 
-def test_logistic_missing_value_reads_as_missing(
-    fitted: dict[str, Pipeline], data: tuple[pd.DataFrame, np.ndarray]
+def test_taxa_report_their_relative_abundance(
+    fitted: dict[str, ResponseModel], data: tuple[pd.DataFrame, ...]
 ) -> None:
-    """A value the patient never gave must not be shown as if measured."""
-    X, _ = data
-    missing = X["age_years"].isna().to_numpy()
-    assert missing.any()
-    explanation = ShapExplainer(fitted["logistic"]).explain(X)
-    age = explanation.values[:, list(explanation.feature_names).index("age_years")]
-    assert np.isnan(age[missing]).all()
+    X = data[0]
+    explanation = ShapExplainer(fitted["linear"]).explain(X)
+    names = list(explanation.feature_names)
+    taxon = next(n for n in names if n.startswith("d__"))
+    taxa = [c for c in X.columns if c.startswith("d__")]
+    expected = X[taxon] / X[taxa].sum(axis=1)
+    np.testing.assert_allclose(explanation.relative_abundance[:, names.index(taxon)], expected)
+    assert np.isnan(explanation.relative_abundance[:, names.index("age_years")]).all()
+    assert display_name(taxon) == f"{taxon.rsplit('g__', 1)[1]} (genus)"
 
 
-def test_xgboost_values_keep_missing_as_nan(
-    fitted: dict[str, Pipeline], data: tuple[pd.DataFrame, np.ndarray]
-) -> None:
-    """Without a scaler the values are the transformed features themselves, NaN included."""
-    X, _ = data
-    pipeline = fitted["xgboost"]
-    explanation = ShapExplainer(pipeline).explain(X)
-    np.testing.assert_array_equal(explanation.values, pipeline[:-1].transform(X))
-    age = explanation.values[:, list(explanation.feature_names).index("age_years")]
-    np.testing.assert_array_equal(np.isnan(age), X["age_years"].isna().to_numpy())
-
-
-def test_unsupported_estimator_raises_type_error(data: tuple[pd.DataFrame, np.ndarray]) -> None:
+def test_unsupported_estimator_raises_type_error(data: tuple[pd.DataFrame, ...]) -> None:
     """Only estimators with an exact explainer are accepted, never a silent approximation."""
-    X, y = data
+    X, y, _ = data
     pipeline = Pipeline([*feature_steps(), ("model", DummyClassifier())]).fit(X, y)
     with pytest.raises(TypeError, match="DummyClassifier"):
         ShapExplainer(pipeline)

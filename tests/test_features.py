@@ -25,7 +25,7 @@ from training.features import (
     lineage_at_rank,
     model_input,
 )
-from training.model import CANDIDATES, FeatureConfig
+from training.model import FAMILIES, FeatureConfig
 from training.schema import is_taxon
 
 FAECALI = (
@@ -314,13 +314,13 @@ def test_encoder_training_ranges_come_from_fit() -> None:
 # ------------------------------------------------------------- full pipelines: leakage, sklearn
 
 
-@pytest.mark.parametrize("name", sorted(CANDIDATES))
+@pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_transform_has_no_cross_row_state(name: str) -> None:
     """Scoring a row alone or in a batch gives the same features and probability."""
     X = raw_frame(40, seed=11)
     y = np.arange(40) % 2
     train, test = X.iloc[:30], X.iloc[30:]
-    pipe = CANDIDATES[name].build(FeatureConfig(), 0).fit(train, y[:30])
+    pipe = FAMILIES[name].build(FeatureConfig(), 0).fit(train, y[:30])
     batch = pipe[:-1].transform(test)
     proba = pipe.predict_proba(test)[:, 1]
     for i in (0, 4, 9):
@@ -342,7 +342,7 @@ def test_filter_support_is_learned_from_training_rows() -> None:
     counts.iloc[30:, -1] = 500.0  # rows B: present in every sample
     X = model_input(clinical_frame(counts.index, seed=6), counts)
     y = np.arange(40) % 2
-    build = CANDIDATES["logistic"].build
+    build = FAMILIES["linear"].build
     on_a = build(FeatureConfig(), 0).fit(X.iloc[:30], y[:30])
     on_ab = build(FeatureConfig(), 0).fit(X, y)
     assert rare in on_a.named_steps["align"].vocabulary_
@@ -354,10 +354,10 @@ def test_filter_support_is_learned_from_training_rows() -> None:
     assert scored.shape[1] == len(on_a[:-1].get_feature_names_out())
 
 
-@pytest.mark.parametrize("name", sorted(CANDIDATES))
+@pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_candidates_follow_sklearn_conventions(name: str) -> None:
     """clone() and get/set_params round-trip, which CV and grid tools rely on."""
-    pipe = CANDIDATES[name].build(FeatureConfig(), 0)
+    pipe = FAMILIES[name].build(FeatureConfig(), 0)
     plain = (bool, int, float, str, type(None))
 
     def scalars(p: Pipeline) -> dict[str, object]:
@@ -373,7 +373,7 @@ def test_candidates_follow_sklearn_conventions(name: str) -> None:
     assert clone(pipe).get_params()["features__taxa__filter__min_prevalence"] == 0.25
     fresh = clone(pipe).set_params(**scalars(pipe))
     assert scalars(fresh) == scalars(pipe)
-    fitted = CANDIDATES[name].build(FeatureConfig(), 0).fit(raw_frame(30, seed=2),
+    fitted = FAMILIES[name].build(FeatureConfig(), 0).fit(raw_frame(30, seed=2),
                                                             np.arange(30) % 2)
     with pytest.raises(NotFittedError):
         check_is_fitted(clone(fitted))

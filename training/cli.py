@@ -11,6 +11,7 @@ from typing import TypeVar
 
 import click
 
+from training.model import FAMILIES, PRESETS
 from training.outcomes import DEFINITIONS, TARGETS
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -102,45 +103,76 @@ def validate(data: Path, min_reads: int, definition: str) -> None:
 @click.option("--definition", type=click.Choice(DEFINITIONS), default="iwg", show_default=True,
               help="Response definition used to derive the label.")
 @click.option("--target", type=click.Choice(TARGETS), default="responded", show_default=True)
-@click.option("--candidates", default="xgboost,logistic", show_default=True,
-              help="Comma-separated candidate models.")
-@click.option("--splits", type=click.IntRange(min=2), default=5, show_default=True)
-@click.option("--repeats", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--preset", type=click.Choice(PRESETS), default="fast", show_default=True,
+              help="fast: linear family, 5x1 outer x 3 inner folds, 5 permutations; thorough: "
+                   "linear + xgboost, 5x3 outer x 5 inner folds, 10 permutations.")
+@click.option("--families", default=None,
+              help="Comma-separated model families to search (default: the preset's); "
+                   f"from {', '.join(FAMILIES)}.")
+@click.option("--splits", type=click.IntRange(min=2), default=5, show_default=True,
+              help="Outer folds.")
+@click.option("--repeats", type=click.IntRange(min=1), default=None,
+              help="Outer repeats (default: the preset's).")
+@click.option("--inner-splits", type=click.IntRange(min=2), default=None,
+              help="Inner folds for tuning and recalibration (default: the preset's).")
+@click.option("--permutations", type=click.IntRange(min=0), default=None,
+              help="Label permutations by patient through the nested procedure "
+                   "(default: the preset's; 0 to skip).")
+@click.option("--threshold", default="youden", show_default=True,
+              help="Decision threshold policy for the served label: 'youden' (chosen on "
+                   "out-of-fold predictions) or a fixed probability such as 0.5.")
 @click.option("--bootstrap", type=click.IntRange(min=100), default=1000, show_default=True,
               help="Patient-level bootstrap resamples for the 95% CIs.")
 @click.option("--seed", type=int, default=7, show_default=True)
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Parallel CV fits.")
+              help="Outer folds fitted in parallel.")
 @click.option("--min-reads", type=click.IntRange(min=0), default=1000, show_default=True)
 @click.option("--rank", default="genus", show_default=True, help="Taxonomic rank of features.")
 @click.option("--min-prevalence", type=click.FloatRange(0, 1), default=0.1, show_default=True)
+@click.option("--missing-indicators", is_flag=True,
+              help="Add missing-value indicators to the linear model; only for markers whose "
+                   "missingness is informative (off by default).")
 @click.option("--export", "export_to", type=click.Path(path_type=Path), default=None,
               help="Also write the registered model as a local bundle here.")
 @tracking_option
 def train(
     data: Path, experiment: str, register: str, alias: str, definition: str, target: str,
-    candidates: str, splits: int, repeats: int, bootstrap: int, seed: int, jobs: int,
-    min_reads: int, rank: str, min_prevalence: float, export_to: Path | None,
-    tracking_uri: str,
+    preset: str, families: str | None, splits: int, repeats: int | None,
+    inner_splits: int | None, permutations: int | None, threshold: str, bootstrap: int,
+    seed: int, jobs: int, min_reads: int, rank: str, min_prevalence: float,
+    missing_indicators: bool, export_to: Path | None, tracking_uri: str,
 ) -> None:
-    """Cross-validate the candidates, refit the best on all data, log and register it."""
+    """Nested CV of the model search, refit on all data, log and register the champion."""
     from training.evaluation import CVConfig
     from training.model import FeatureConfig
     from training.registry import export_bundle
-    from training.train import TrainConfig, summary_json
+    from training.train import PRESET_SETTINGS, TrainConfig, summary_json
     from training.train import train as run_training
 
     if export_to and not register:
         raise click.UsageError("--export needs a registered model: do not empty --register")
+    policy: str | float = threshold
+    if threshold != "youden":
+        try:
+            policy = float(threshold)
+        except ValueError:
+            raise click.BadParameter("'youden' or a probability", param_hint="--threshold"
+                                     ) from None
+        if not 0 < policy < 1:
+            raise click.BadParameter("must be between 0 and 1", param_hint="--threshold")
     _tracking(tracking_uri)
     config = TrainConfig(
         data=data, experiment=experiment, register=register or None, alias=alias or None,
-        definition=definition, target=target,
-        candidates=tuple(c.strip() for c in candidates.split(",") if c.strip()),
+        definition=definition, target=target, preset=preset,
+        families=tuple(f.strip() for f in families.split(",") if f.strip()) if families
+        else None,
         min_reads=min_reads,
-        features=FeatureConfig(rank=rank, min_prevalence=min_prevalence),
-        cv=CVConfig(n_splits=splits, n_repeats=repeats, n_bootstrap=bootstrap, seed=seed,
-                    n_jobs=jobs),
+        features=FeatureConfig(rank=rank, min_prevalence=min_prevalence,
+                               missing_indicators=missing_indicators),
+        cv=CVConfig(n_splits=splits,
+                    n_repeats=repeats or PRESET_SETTINGS[preset]["n_repeats"],
+                    n_bootstrap=bootstrap, seed=seed, n_jobs=jobs),
+        inner_splits=inner_splits, permutations=permutations, threshold=policy,
     )
     result = _or_exit(lambda: run_training(config))
     if export_to:

@@ -1,7 +1,15 @@
-"""Exact SHAP explanations of a fitted pipeline, in log-odds.
+"""Exact SHAP explanations of a fitted model, in recalibrated log-odds, per input feature.
 
-Training (summary plot) and the service (per-patient explanations) use this one class, so
-what the MLflow UI shows and what the API returns are the same numbers.
+Training (summary plot, stability across folds) and the service (per-patient explanations)
+use this one class, so what the MLflow UI shows and what the API returns are the same numbers.
+
+SHAP is computed on the estimator's design matrix, then summed over the design columns that
+come from one input feature (a marker's main effect and its treatment interactions, a
+missing-value indicator and its field). Sums of exact SHAP values are exact, and a clinician
+reads "IPF 14 %: +0.4", not a standardised interaction column. A `ResponseModel` is affine in
+the pipeline's log-odds (intercept + slope * margin), so its SHAP values are the pipeline's
+times the slope, and its base value is intercept + slope * the pipeline's base value:
+base + sum(contributions) is the served, recalibrated log-odds exactly.
 """
 
 from __future__ import annotations
@@ -16,15 +24,22 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from xgboost import XGBClassifier
 
+from training import schema
+from training.structure import source_feature
+from training.tuning import ResponseModel
+
+INPUT_STEPS = ("align", "features", "blocks")  # raw inputs -> named features in their units
+
 
 @dataclass(frozen=True)
 class Explanation:
-    """SHAP values for n episodes over p named features."""
+    """SHAP values for n episodes over p named input features."""
 
     feature_names: np.ndarray  # (p,)
     values: np.ndarray  # (n, p) feature values in their own units (NaN = missing)
     shap_values: np.ndarray  # (n, p) contributions to the log-odds of response
     base_value: float  # log-odds of the reference (average training) episode
+    relative_abundance: np.ndarray  # (n, p) share of reads of taxon features, NaN otherwise
 
     @property
     def log_odds(self) -> np.ndarray:
@@ -35,56 +50,74 @@ class Explanation:
     def probability(self) -> np.ndarray:
         return expit(self.log_odds)
 
+    def mean_abs(self) -> pd.Series:
+        """Global importance: mean |SHAP| per feature, largest first."""
+        return pd.Series(np.abs(self.shap_values).mean(axis=0),
+                         index=self.feature_names).sort_values(ascending=False)
+
 
 class ShapExplainer:
     """Exact SHAP for the estimators we ship; built once, then cheap per call.
 
     Trees: TreeExplainer (path-dependent, no background needed; equals xgboost's own
-    `pred_contribs`). Linear: LinearExplainer against the all-zero row, which after the
-    pipeline's StandardScaler is the training mean, so base_value is the intercept.
+    `pred_contribs`). Linear: LinearExplainer against the all-zero design row, which after
+    standardisation is the training mean, so the base value is the intercept.
     """
 
-    def __init__(self, pipeline: Pipeline) -> None:
-        self.pipeline = pipeline
-        self.preprocess = pipeline[:-1]
-        self.feature_names = np.asarray(self.preprocess.get_feature_names_out(), dtype=object)
-        estimator = pipeline[-1]
+    def __init__(self, model: ResponseModel | Pipeline) -> None:
+        if isinstance(model, ResponseModel):
+            self.pipeline, self.shift, self.scale = model.pipeline_, model.intercept_, model.slope_
+        else:
+            self.pipeline, self.shift, self.scale = model, 0.0, 1.0
+        estimator = self.pipeline[-1]
+        if not isinstance(estimator, XGBClassifier | LogisticRegression):
+            raise TypeError(f"no exact SHAP explainer for {type(estimator).__name__}")
+        steps = [name for name, _ in self.pipeline.steps]
+        self.inputs = self.pipeline[: max(steps.index(s) for s in INPUT_STEPS) + 1]
+        self.design = self.pipeline[len(self.inputs): -1]
+        self.input_names = np.asarray(self.inputs.get_feature_names_out(), dtype=object)
+        design_names = self.design.get_feature_names_out(self.input_names)
+        position = {str(name): i for i, name in enumerate(self.input_names)}
+        self._groups = np.array([position[source_feature(str(n))] for n in design_names])
         if isinstance(estimator, XGBClassifier):
             self._explainer = shap.TreeExplainer(estimator)
-        elif isinstance(estimator, LogisticRegression):
-            background = np.zeros((1, len(self.feature_names)))
+        else:
+            background = np.zeros((1, len(design_names)))
             self._explainer = shap.LinearExplainer(
                 estimator, shap.maskers.Independent(background)
             )
-        else:
-            raise TypeError(f"no exact SHAP explainer for {type(estimator).__name__}")
 
     def explain(self, X: pd.DataFrame) -> Explanation:
-        transformed = self.preprocess.transform(X)
+        inputs = self.inputs.transform(X)
         # The call API returns the base value with the values: TreeExplainer's
         # `expected_value` attribute is only logit(base_score) for xgboost until a first
         # explanation has replaced it with the booster's real bias.
-        result = self._explainer(transformed)
+        result = self._explainer(self.design.transform(inputs))
+        design_shap = np.asarray(result.values, dtype=np.float64)
+        grouped = np.zeros((len(X), len(self.input_names)))
+        np.add.at(grouped.T, self._groups, design_shap.T)
+        base = float(np.ravel(result.base_values)[0])
         return Explanation(
-            feature_names=self.feature_names,
-            values=self._in_feature_units(transformed),
-            shap_values=np.asarray(result.values, dtype=np.float64),
-            base_value=float(np.ravel(result.base_values)[0]),
+            feature_names=self.input_names,
+            values=np.asarray(inputs, dtype=np.float64),
+            shap_values=self.scale * grouped,
+            base_value=self.shift + self.scale * base,
+            relative_abundance=self._relative_abundance(X),
         )
 
-    def _in_feature_units(self, transformed: np.ndarray) -> np.ndarray:
-        """Undo standardisation so values read as CLR, years, pg/mL... not z-scores.
+    def _relative_abundance(self, X: pd.DataFrame) -> np.ndarray:
+        aligned = self.pipeline.named_steps["align"].transform(X)
+        taxa = [c for c in aligned.columns if schema.is_taxon(c)]
+        reads = aligned[taxa]
+        shares = reads.div(reads.sum(axis=1).replace(0, np.nan), axis=0)
+        return shares.reindex(columns=self.input_names).to_numpy(dtype=np.float64)
 
-        Imputed cells go back to NaN: the explanation shows what the patient gave, not the
-        training median the linear model filled in.
-        """
-        scaler = self.preprocess.named_steps.get("scale")
-        if scaler is None:
-            return np.asarray(transformed, dtype=np.float64)
-        values = np.asarray(scaler.inverse_transform(transformed), dtype=np.float64)
-        position = {name: i for i, name in enumerate(self.feature_names)}
-        for i, name in enumerate(self.feature_names):
-            imputed = position.get(str(name).removeprefix("missingindicator_"))
-            if str(name).startswith("missingindicator_") and imputed is not None:
-                values[values[:, i] == 1, imputed] = np.nan
-        return values
+
+def display_name(feature: str) -> str:
+    """A readable label: the deepest rank name of a lineage, or the clinical field's name."""
+    if schema.is_taxon(feature):
+        last = feature.split(";")[-1]
+        prefix, _, name = last.partition("__")
+        rank = schema.RANK_PREFIXES.get(prefix, "taxon")
+        return f"{name.replace('_', ' ')} ({rank})"
+    return feature

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -327,11 +328,15 @@ def feature_steps(
     return [("align", TaxonomyAligner(rank)), ("features", features)]
 
 
-def feature_schema(pipeline: Pipeline) -> dict[str, object]:
-    """What a fitted pipeline expects and produces, for the registry and the service."""
-    features = [str(f) for f in pipeline[:-1].get_feature_names_out()]
+def feature_schema(model: Any) -> dict[str, object]:
+    """What a fitted model (a `ResponseModel` or a pipeline) expects and produces, for the
+    registry and the service. `features` are the input features SHAP values are reported on."""
+    pipeline: Pipeline = getattr(model, "pipeline_", model)
     aligner: TaxonomyAligner = pipeline.named_steps["align"]
     encoder: ClinicalEncoder = pipeline.named_steps["features"].named_transformers_["clinical"]
+    features = [str(f) for f in pipeline.named_steps["blocks"].get_feature_names_out()] if (
+        "blocks" in pipeline.named_steps) else [str(f) for f in
+                                                pipeline[:-1].get_feature_names_out()]
     clinical = [
         {
             "name": f.name,

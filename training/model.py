@@ -1,22 +1,37 @@
-"""Candidate models: the shared feature steps followed by one estimator each.
+"""Model families and their search spaces: the candidates the inner cross-validation chooses from.
 
-Hyperparameters are fixed, conservative defaults for cohorts of a few hundred episodes
-rather than tuned: with no inner search there is nothing to leak, and the comparison between
-candidates is the only selection made on the cross-validation folds.
+A family is a pipeline from raw inputs to a probability plus, per feature set, the
+hyperparameters worth searching. Feature sets are regions of one search space, so the inner
+CV picks among clinical-only, microbiome-only and combined models exactly as it picks a
+penalty: nothing is chosen by hand or on the folds that estimate performance.
+
+- `linear`: the structured model (training.structure.LinearDesign): log-scaled lab values,
+  treatment x marker interactions, and separately weighted clinical and microbiome blocks
+  under one L1 penalty, so taxa enter only when they help out of fold.
+- `xgboost`: gradient-boosted trees with depth, learning rate, trees and min_child_weight
+  tuned; missing values handled natively, interactions found by the trees.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from sklearn.impute import SimpleImputer
+import numpy as np
+import pandas as pd
+from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import StandardScaler
+from sklearn.utils.validation import check_is_fitted
 from xgboost import XGBClassifier
 
 from training.features import feature_steps
+from training.structure import LinearDesign, is_microbiome, is_treatment
+
+FEATURE_SETS: tuple[str, ...] = ("clinical", "microbiome", "combined")
+PRESETS: tuple[str, ...] = ("fast", "thorough")
+FEATURE_STEPS = 2  # align + features: label-free, fitted once per training set
 
 
 @dataclass(frozen=True)
@@ -27,66 +42,141 @@ class FeatureConfig:
     min_prevalence: float = 0.1
     min_abundance: float = 1e-4
     pseudocount: float = 1e-5
+    missing_indicators: bool = False
 
 
-def _xgboost(seed: int) -> list[tuple[str, object]]:
-    # Shallow trees, strong subsampling: a few hundred samples overfit deeper boosters.
+class FeatureBlocks(TransformerMixin, BaseEstimator):
+    """Keeps the columns of one feature set: `clinical` (treatment + clinical and immune data),
+    `microbiome` (treatment + taxa + diversity) or `combined` (all).
+
+    Treatment stays in every set: the model predicts response to one treatment, and response
+    rates differ by treatment, so a set without it would measure the treatment mix instead.
+    """
+
+    def __init__(self, blocks: str = "combined") -> None:
+        self.blocks = blocks
+
+    def fit(self, X: pd.DataFrame, y: object = None) -> FeatureBlocks:
+        if self.blocks not in FEATURE_SETS:
+            raise ValueError(f"blocks must be one of {FEATURE_SETS}, got {self.blocks!r}")
+        self.feature_names_in_ = np.asarray(X.columns, dtype=object)
+        self.n_features_in_ = X.shape[1]
+        self.support_ = np.array([self._keep(str(c)) for c in X.columns])
+        return self
+
+    def _keep(self, column: str) -> bool:
+        if self.blocks == "combined" or is_treatment(column):
+            return True
+        return is_microbiome(column) == (self.blocks == "microbiome")
+
+    def transform(self, X: pd.DataFrame) -> pd.DataFrame:
+        check_is_fitted(self, "support_")
+        return X.loc[:, self.support_]
+
+    def get_feature_names_out(self, input_features: object = None) -> np.ndarray:
+        check_is_fitted(self, "support_")
+        return self.feature_names_in_[self.support_]
+
+
+def _features(config: FeatureConfig) -> list[tuple[str, Any]]:
+    steps = feature_steps(config.rank, config.min_prevalence, config.min_abundance,
+                          config.pseudocount)
+    steps[-1][1].set_output(transform="pandas")  # later steps select blocks by column name
+    return steps
+
+
+def _linear(config: FeatureConfig, seed: int) -> Pipeline:
+    return Pipeline([
+        *_features(config),
+        ("blocks", FeatureBlocks()),
+        ("design", LinearDesign(missing_indicators=config.missing_indicators)),
+        ("model", LogisticRegression(l1_ratio=1.0, solver="liblinear", C=0.1,
+                                     max_iter=1000, random_state=seed)),
+    ])
+
+
+def _xgboost(config: FeatureConfig, seed: int) -> Pipeline:
     # 64 histogram bins: same CV AUROC and Brier as the default 256 on the demo cohorts
-    # (docs/benchmarks.md), at half the fitting time.
+    # (docs/benchmarks.md), at half the fitting time. One thread: folds run in parallel.
+    return Pipeline([
+        *_features(config),
+        ("blocks", FeatureBlocks()),
+        ("to_array", _ToArray()),
+        ("model", XGBClassifier(n_estimators=200, learning_rate=0.05, max_depth=3,
+                                min_child_weight=3, subsample=0.8, colsample_bytree=0.5,
+                                tree_method="hist", max_bin=64, n_jobs=1,
+                                random_state=seed)),
+    ])
+
+
+class _ToArray(TransformerMixin, BaseEstimator):
+    """DataFrame -> float array, so XGBoost never sees lineage strings as column names."""
+
+    def fit(self, X: pd.DataFrame, y: object = None) -> _ToArray:
+        self.feature_names_in_ = np.asarray(X.columns, dtype=object)
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def transform(self, X: pd.DataFrame) -> np.ndarray:
+        return np.asarray(X, dtype=float)
+
+    def get_feature_names_out(self, input_features: object = None) -> np.ndarray:
+        return self.feature_names_in_
+
+
+def _linear_space(preset: str) -> list[dict[str, list[Any]]]:
+    if preset == "fast":
+        c, microbiome, interactions = [0.05, 0.15, 0.5], [0.25, 0.5, 1.0], [0.0, 0.5]
+    else:
+        c = list(np.round(np.geomspace(0.02, 2.0, 7), 4))
+        microbiome, interactions = [0.1, 0.25, 0.5, 1.0], [0.0, 0.25, 0.5, 1.0]
     return [
-        (
-            "model",
-            XGBClassifier(
-                n_estimators=300,
-                learning_rate=0.03,
-                max_depth=3,
-                min_child_weight=3,
-                subsample=0.8,
-                colsample_bytree=0.5,
-                reg_lambda=1.0,
-                tree_method="hist",
-                max_bin=64,
-                n_jobs=1,
-                random_state=seed,
-            ),
-        )
+        {"blocks__blocks": ["combined"], "model__C": c, "design__microbiome": microbiome,
+         "design__interactions": interactions},
+        {"blocks__blocks": ["clinical"], "model__C": c, "design__interactions": interactions},
+        {"blocks__blocks": ["microbiome"], "model__C": c, "design__interactions": [0.0]},
     ]
 
 
-def _logistic(seed: int) -> list[tuple[str, object]]:
-    # Elastic net on standardised features, as SIAMCAT does: sparse but stable with
-    # correlated taxa. Imputation and scaling sit in the pipeline, so they are refitted per fold.
-    return [
-        ("impute", SimpleImputer(strategy="median", add_indicator=True, keep_empty_features=True)),
-        ("scale", StandardScaler()),
-        (
-            "model",
-            LogisticRegression(
-                solver="saga", l1_ratio=0.5, C=0.1, max_iter=5000, random_state=seed
-            ),
-        ),
-    ]
+def _xgboost_space(preset: str) -> list[dict[str, list[Any]]]:
+    space = {
+        "model__max_depth": [1, 2, 3, 4],
+        "model__learning_rate": [0.02, 0.05, 0.1],
+        "model__n_estimators": [100, 200, 400],
+        "model__min_child_weight": [1, 3, 6],
+    }
+    sets = ["clinical", "combined"] if preset == "fast" else list(FEATURE_SETS)
+    return [{"blocks__blocks": [s], **space} for s in sets]
 
 
 @dataclass(frozen=True)
-class Candidate:
+class Family:
     name: str
     description: str
-    estimator_steps: Callable[[int], list[tuple[str, object]]] = field(repr=False)
-
-    def build(self, features: FeatureConfig, seed: int) -> Pipeline:
-        """A fresh, unfitted pipeline from raw inputs to a probability of response."""
-        steps = feature_steps(
-            features.rank, features.min_prevalence, features.min_abundance, features.pseudocount
-        )
-        return Pipeline([*steps, *self.estimator_steps(seed)])
+    build: Callable[[FeatureConfig, int], Pipeline] = field(repr=False)
+    space: Callable[[str], list[dict[str, list[Any]]]] = field(repr=False)
+    # Configurations sampled per preset; None searches the whole grid.
+    n_iter: dict[str, int | None] = field(default_factory=dict)
 
 
-CANDIDATES: dict[str, Candidate] = {
-    c.name: c
-    for c in (
-        Candidate("xgboost", "Gradient-boosted trees (XGBoost), missing values native.", _xgboost),
-        Candidate("logistic", "Elastic-net logistic regression on standardised features.",
-                  _logistic),
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family("linear", "Block-penalised L1 logistic regression: log-scaled labs, treatment x "
+               "marker interactions, clinical and microbiome blocks weighted apart.",
+               _linear, _linear_space, {"fast": None, "thorough": None}),
+        Family("xgboost", "Gradient-boosted trees (XGBoost), depth, learning rate, trees and "
+               "min_child_weight tuned; missing values native.",
+               _xgboost, _xgboost_space, {"fast": 6, "thorough": 24}),
     )
 }
+
+DEFAULT_FAMILIES: dict[str, tuple[str, ...]] = {
+    "fast": ("linear",),
+    "thorough": ("linear", "xgboost"),
+}
+
+
+def feature_set(params: dict[str, Any]) -> str:
+    """The feature set a configuration of any family uses."""
+    return str(params.get("blocks__blocks", "combined"))

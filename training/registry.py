@@ -26,9 +26,9 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.models import Model
 from mlflow.models.signature import infer_signature
 from mlflow.types.schema import ColSpec, Schema
-from sklearn.pipeline import Pipeline
 
 from training import schema
+from training.tuning import ResponseModel
 
 MODEL_NAME = "model"  # name of the logged model within a run
 MODEL_FILE = "model.skops"
@@ -44,6 +44,10 @@ TRUSTED_TYPES: list[str] = [
     "training.features.CLR",
     "training.features.AlphaDiversity",
     "training.features.ClinicalEncoder",
+    "training.model.FeatureBlocks",
+    "training.model._ToArray",
+    "training.structure.LinearDesign",
+    "training.tuning.ResponseModel",
     "sklearn.compose._column_transformer.make_column_selector",
     "xgboost.core.Booster",
     "xgboost.sklearn.XGBClassifier",
@@ -62,7 +66,7 @@ class ModelIntegrityError(RuntimeError):
 class StoredModel:
     """A model read back from the registry or a bundle, with what is known about it."""
 
-    pipeline: Pipeline
+    model: ResponseModel
     name: str
     version: str | None
     run_id: str | None
@@ -102,7 +106,7 @@ def example_input(X: pd.DataFrame) -> pd.DataFrame:
     return frame.astype({c: float for c in X.columns if X[c].dtype.kind == "f"})
 
 
-def _signature(pipeline: Pipeline, example: pd.DataFrame) -> Any:
+def _signature(pipeline: ResponseModel, example: pd.DataFrame) -> Any:
     """Taxon columns are optional in the signature: samples carry whatever taxa they have."""
     inferred = infer_signature(example, pipeline.predict_proba(example)[:, 1])
     inputs = Schema(
@@ -114,7 +118,7 @@ def _signature(pipeline: Pipeline, example: pd.DataFrame) -> Any:
     return type(inferred)(inputs=inputs, outputs=inferred.outputs)
 
 
-def log_model(pipeline: Pipeline, X: pd.DataFrame, metadata: dict[str, Any]) -> Any:
+def log_model(pipeline: ResponseModel, X: pd.DataFrame, metadata: dict[str, Any]) -> Any:
     """Log the fitted pipeline to the active run in MLflow format (skops)."""
     example = example_input(X)
     return mlflow.sklearn.log_model(
@@ -251,10 +255,13 @@ def _load_directory(
     for label, wanted in (("recorded", recorded), ("pinned", expected)):
         if wanted is not None and wanted != actual:
             raise ModelIntegrityError(f"{source}: model files do not match the {label} digest")
-    pipeline = skops.io.load(directory / MODEL_FILE, trusted=TRUSTED_TYPES)
+    model = skops.io.load(directory / MODEL_FILE, trusted=TRUSTED_TYPES)
+    if not isinstance(model, ResponseModel):
+        raise ModelIntegrityError(f"{source}: not a ResponseModel ({type(model).__name__}); "
+                                  f"retrain it with this version of itp-train")
     mlmodel = Model.load(directory / "MLmodel")
     return StoredModel(
-        pipeline=pipeline,
+        model=model,
         name=name,
         version=str(version) if version is not None else None,
         run_id=mlmodel.run_id,

@@ -109,6 +109,13 @@ OUTCOME_FIELDS: tuple[Field, ...] = (
           "are absent.", categories=RESPONSES, example="R"),
 )
 
+# Right-skewed, positive lab values and durations whose effects are reported per doubling;
+# the linear model sees them as ln(1 + x) (training.structure.LogScale).
+LOG_SCALE_FIELDS: tuple[str, ...] = (
+    "baseline_platelets", "months_since_diagnosis", "ipf_pct", "tpo_pg_ml", "treg_pct",
+    "il10_pg_ml", "tgfb1_ng_ml", "ifng_pg_ml", "il17_pg_ml", "baff_pg_ml",
+)
+
 REQUIRED_COLUMNS: tuple[str, ...] = (SAMPLE_ID, SUBJECT_ID, TREATMENT, "baseline_platelets")
 FOLLOWUP_COLUMNS: tuple[str, ...] = ("followup_platelets", "followup_day", "followup_bleeding")
 

@@ -700,3 +700,59 @@ def _info(n_patients: int, seed: int, sc: Scenario, intercepts: dict[str, float]
         "truth_uses": "complete values before missing cells were blanked; genus composition "
                       "before read sampling",
     })
+
+
+# --- oracle ----------------------------------------------------------------------------------
+
+MICROBIOME_TERMS: tuple[str, ...] = ("scfa_balance", "signature")
+
+
+def oracle_design(metadata: pd.DataFrame, feature_table: pd.DataFrame, scenario: Scenario,
+                  microbiome: bool = True) -> pd.DataFrame:
+    """The true logit's terms, computed from what a model can observe.
+
+    Same formulas as the simulator's truth (`FEATURES`), but from the written metadata (with
+    its missing cells) and from the read counts (genus proportions of the sampled reads, not
+    the true composition); one column per effect (feature x its treatments) plus treatment
+    indicators. A correctly specified model fitted on these columns (`oracle_model`) is what
+    is achievable at a given sample size: the yardstick for the product's models.
+    """
+    genera = load_genera()
+    numeric = metadata.replace("", np.nan)
+    episodes = pd.DataFrame({
+        "age_years": pd.to_numeric(numeric["age_years"]),
+        "bleeding_score": metadata["bleeding_score"],
+        "bleeding_scale": metadata["bleeding_scale"].replace("", None),
+        "ipf_pct": pd.to_numeric(numeric["ipf_pct"]),
+        "anti_gpib": numeric["anti_gpib"].map({schema.YES: 1.0, schema.NO: 0.0}),
+        "tpo_pg_ml": pd.to_numeric(numeric["tpo_pg_ml"]),
+        "months_since_diagnosis": pd.to_numeric(numeric["months_since_diagnosis"]),
+        **{m: pd.to_numeric(numeric[m]) for m in IMMUNE_MARKERS},
+    }).reset_index(drop=True)
+    genus_of = pd.Series([lineage for lineage, names in zip(genera["lineage"], genera["species"],
+                                                            strict=True)
+                          for _ in names.split(",")], index=_taxon_ids(genera))
+    reads = feature_table.groupby(genus_of.reindex(feature_table.index).to_numpy()).sum()
+    reads = reads.reindex(genera["lineage"], fill_value=0).T.to_numpy(dtype=float)
+    composition = reads / np.maximum(reads.sum(axis=1, keepdims=True), 1.0)
+    features = _features(episodes, composition, genera, scenario)
+    treatment = metadata[schema.TREATMENT].to_numpy()
+    columns = {f"treatment={t}": (treatment == t).astype(float) for t in schema.TREATMENTS
+               if (treatment == t).any()}
+    for effect in scenario.effects:
+        if effect.beta == 0 or (not microbiome and effect.feature in MICROBIOME_TERMS):
+            continue
+        applies = np.isin(treatment, effect.treatments) if effect.treatments else True
+        columns[effect.name] = np.where(applies, features[effect.feature].to_numpy(), 0.0)
+    return pd.DataFrame(columns, index=metadata.index)
+
+
+def oracle_model() -> Any:
+    """Median imputation + (almost) unpenalised logistic regression: the correctly specified
+    model of `oracle_design`'s columns."""
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    return make_pipeline(SimpleImputer(strategy="median"),
+                         LogisticRegression(C=100.0, max_iter=5000))

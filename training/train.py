@@ -1,8 +1,9 @@
-"""One training run: cohort -> label -> features -> cross-validated candidates -> registry.
+"""One training run: cohort -> label -> nested CV of the model search -> final fit -> registry.
 
-Everything is logged to MLflow under one parent run (one nested run per candidate). The
-model is registered only after every other step has succeeded, so a failed or interrupted
-run leaves a FAILED run in the tracking store and nothing in the registry.
+Everything is logged to MLflow under one parent run, with one nested run per feature set and
+per model family (scored on the same outer folds). The model is registered only after every
+other step has succeeded, so a failed or interrupted run leaves a FAILED run in the tracking
+store and nothing in the registry.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import logging
 import platform
 import tempfile
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,17 +22,29 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from training import registry
+from training import plots, registry
 from training.cohort import Cohort, load_cohort
-from training.evaluation import CVConfig, CVResult, cross_validate
+from training.evaluation import (
+    CHAMPION,
+    CVConfig,
+    NestedResult,
+    nested_cross_validate,
+    permutation_control,
+    shap_stability,
+)
 from training.explain import ShapExplainer
 from training.features import feature_schema, model_input
-from training.model import CANDIDATES, FeatureConfig
+from training.model import DEFAULT_FAMILIES, FAMILIES, PRESETS, FeatureConfig
 from training.outcomes import response_labels, target
-from training.plots import calibration_figure, roc_figure, shap_summary_figure
+from training.tuning import ModelSearch
 
 log = logging.getLogger(__name__)
 
+# Outer repeats, inner folds and permutations of each preset (docs/evaluation.md).
+PRESET_SETTINGS: dict[str, dict[str, int]] = {
+    "fast": {"n_repeats": 1, "inner_splits": 3, "permutations": 5},
+    "thorough": {"n_repeats": 3, "inner_splits": 5, "permutations": 10},
+}
 
 
 def _versioned_modules() -> list[Any]:
@@ -51,26 +64,47 @@ class TrainConfig:
     alias: str | None = "champion"
     definition: str = "iwg"
     target: str = "responded"
-    candidates: tuple[str, ...] = ("xgboost", "logistic")
+    preset: str = "fast"
+    families: tuple[str, ...] | None = None  # None: the preset's
     min_reads: int = 1000
     features: FeatureConfig = field(default_factory=FeatureConfig)
     cv: CVConfig = field(default_factory=CVConfig)
+    inner_splits: int | None = None  # None: the preset's
+    permutations: int | None = None  # None: the preset's
+    threshold: str | float = "youden"
+
+    def resolved(self) -> TrainConfig:
+        """Preset defaults filled in, names checked."""
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose from {PRESETS}")
+        families = self.families or DEFAULT_FAMILIES[self.preset]
+        unknown = sorted(set(families) - set(FAMILIES))
+        if unknown:
+            raise ValueError(f"unknown model family {unknown}; choose from {sorted(FAMILIES)}")
+        preset = PRESET_SETTINGS[self.preset]
+        return TrainConfig(**{
+            **self.__dict__, "families": tuple(families),
+            "inner_splits": self.inner_splits or preset["inner_splits"],
+            "permutations": (preset["permutations"] if self.permutations is None
+                             else self.permutations),
+        })
 
 
 @dataclass(frozen=True)
 class TrainResult:
     run_id: str
-    chosen: str
+    chosen: dict[str, Any]
     summaries: dict[str, dict[str, float]]
+    comparisons: dict[str, dict[str, float]]
+    permutation_auroc: list[float]
     model_uri: str
     digest: str
     registered_version: str | None
+    warnings: list[str]
 
 
 def train(config: TrainConfig) -> TrainResult:
-    unknown = sorted(set(config.candidates) - set(CANDIDATES))
-    if unknown:
-        raise ValueError(f"unknown candidate {unknown}; choose from {sorted(CANDIDATES)}")
+    config = config.resolved()
     cohort = load_cohort(config.data, min_reads=config.min_reads)
     responses = response_labels(cohort.metadata, config.definition)
     y = target(responses, config.target).to_numpy()
@@ -78,38 +112,67 @@ def train(config: TrainConfig) -> TrainResult:
     groups = cohort.groups.to_numpy()
     log.info("cohort %s: %d episodes, %d patients, %d responders, %d taxa",
              cohort.source, len(y), len(np.unique(groups)), y.sum(), cohort.counts.shape[1])
+    search = ModelSearch(families=config.families, features=config.features,
+                         preset=config.preset, inner_splits=config.inner_splits,
+                         seed=config.cv.seed, threshold=config.threshold)
 
     mlflow.set_experiment(config.experiment)
     with mlflow.start_run(run_name=f"train-{config.definition}-{config.target}") as run:
         _log_setup(config, cohort, responses, y, groups)
-        results = {name: _evaluate(name, config, X, y, groups) for name in config.candidates}
-        chosen = max(results, key=lambda name: results[name].summary["auroc_mean"])
-        log.info("chosen candidate: %s", chosen)
-        mlflow.set_tag("chosen_candidate", chosen)
-        mlflow.log_metrics({f"cv_{k}": v for k, v in results[chosen].summary.items()})
-        control = _shuffled_label_control(chosen, config, X, y, groups)
-        mlflow.log_metric("control_shuffled_auroc", control)
-        _log_figures(results[chosen], f"{chosen} (chosen)")
-        mlflow.log_text(results[chosen].predictions(X.index).to_csv(sep="\t"),
-                        "cv_predictions.tsv")
+        nested = nested_cross_validate(search, X, y, groups, config.cv)
+        champion = nested.champion.summary
+        stability = shap_stability([f.importance for f in nested.folds])
+        _log_nested(nested, stability, X.index)
+        log.info("nested CV AUROC %.3f (95%% CI %.3f-%.3f), calibration slope %.2f, "
+                 "in-the-large %+.2f", champion["auroc_mean"], champion["auroc_ci_low"],
+                 champion["auroc_ci_high"], champion["calibration_slope_mean"],
+                 champion["calibration_in_the_large_mean"])
+        permuted = (permutation_control(search, X, y, groups, config.cv, config.permutations)
+                    if config.permutations else [])
+        if permuted:
+            mlflow.log_metric("control_permuted_auroc", float(np.mean(permuted)))
+            log.info("permuted-label control AUROC %.3f (expect ~0.5; %d permutations by "
+                     "patient)", np.mean(permuted), len(permuted))
 
-        final = CANDIDATES[chosen].build(config.features, config.cv.seed).fit(X, y)
-        schema = feature_schema(final)
+        final = search.fit(X, y, groups)
+        model = final.model_
+        chosen = {"family": str(final.best_["family"]),
+                  "feature_set": str(final.best_["feature_set"]),
+                  "params": dict(final.best_["params"])}
+        warnings = _warnings(model.flat, chosen, nested)
+        for warning in warnings:
+            log.warning("%s", warning)
+        mlflow.set_tags({"chosen_family": chosen["family"],
+                         "chosen_feature_set": chosen["feature_set"],
+                         "warnings": " | ".join(warnings) or "none"})
+        mlflow.log_params({f"chosen.{k}": v for k, v in chosen["params"].items()})
+        mlflow.log_metrics({"recalibration_intercept": model.intercept_,
+                            "recalibration_slope": model.slope_,
+                            "decision_threshold": model.threshold_})
+        mlflow.log_table(final.results_.assign(params=final.results_["params"].map(json.dumps)),
+                         "inner_search.json")
+        schema = feature_schema(model)
         mlflow.log_dict(schema, "feature_schema.json")
-        explanation = ShapExplainer(final).explain(X)
-        _log_figure(shap_summary_figure(explanation), "shap_summary.png")
+        explanation = ShapExplainer(model).explain(X)
+        _log_figure(plots.shap_summary_figure(explanation), "shap_summary.png")
         metadata = {
-            "candidate": chosen,
+            "candidate": f"{chosen['family']} ({chosen['feature_set']})",
+            "chosen": chosen,
             "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "definition": config.definition,
             "target": config.target,
+            "preset": config.preset,
             "data_fingerprint": cohort.fingerprint,
             "n_episodes": len(y),
             "n_patients": len(np.unique(groups)),
-            "cv_metrics": results[chosen].summary,
+            "cv_metrics": champion,
+            "microbiome_added_value": nested.comparisons.get("combined-vs-clinical", {}),
+            "calibration": {"intercept": model.intercept_, "slope": model.slope_},
+            "threshold": model.threshold_,
+            "warnings": warnings,
             "feature_schema": schema,
         }
-        info = registry.log_model(final, X, metadata)
+        info = registry.log_model(model, X, metadata)
         with tempfile.TemporaryDirectory() as tmp:
             sha256 = registry.digest(registry.download(info.model_uri, Path(tmp)))
         mlflow.set_tag("model_sha256", sha256)
@@ -122,11 +185,31 @@ def train(config: TrainConfig) -> TrainResult:
     return TrainResult(
         run_id=run.info.run_id,
         chosen=chosen,
-        summaries={name: r.summary for name, r in results.items()},
+        summaries={name: r.summary for name, r in nested.results.items()},
+        comparisons=nested.comparisons,
+        permutation_auroc=permuted,
         model_uri=info.model_uri,
         digest=sha256,
         registered_version=str(version.version) if version else None,
+        warnings=warnings,
     )
+
+
+def _warnings(flat: bool, chosen: dict[str, Any], nested: NestedResult) -> list[str]:
+    """What a user must not miss: a constant model, and whether the microbiome helped."""
+    warnings = []
+    if flat:
+        warnings.append("the model has no out-of-fold discrimination (recalibration slope "
+                        "~0): it predicts about the same probability for everyone")
+    gain = nested.comparisons.get("combined-vs-clinical")
+    if chosen["feature_set"] == "clinical":
+        warnings.append("the microbiome did not improve inner-CV AUROC: the chosen model "
+                        "uses clinical and immune data only")
+    elif gain and gain["ci_low"] <= 0:
+        warnings.append(f"microbiome added value not established: combined minus "
+                        f"clinical-only AUROC {gain['auroc_difference']:+.3f} "
+                        f"(95% CI {gain['ci_low']:+.3f} to {gain['ci_high']:+.3f})")
+    return warnings
 
 
 def _log_setup(
@@ -136,7 +219,11 @@ def _log_setup(
         "data": str(config.data),
         "definition": config.definition,
         "target": config.target,
-        "candidates": ",".join(config.candidates),
+        "preset": config.preset,
+        "families": ",".join(config.families or ()),
+        "inner_splits": config.inner_splits,
+        "permutations": config.permutations,
+        "threshold_policy": config.threshold,
         "min_reads": config.min_reads,
         **{f"features.{k}": v for k, v in asdict(config.features).items()},
         **{f"cv.{k}": v for k, v in asdict(config.cv).items()},
@@ -160,51 +247,54 @@ def _log_setup(
                     "cohort_summary.json")
 
 
-def _evaluate(
-    name: str, config: TrainConfig, X: pd.DataFrame, y: np.ndarray, groups: np.ndarray
-) -> CVResult:
-    pipeline = CANDIDATES[name].build(config.features, config.cv.seed)
-    with mlflow.start_run(run_name=name, nested=True):
-        estimator = pipeline[-1]
-        mlflow.log_params({f"model.{k}": v for k, v in estimator.get_params().items()
-                           if v is not None and not callable(v)})
-        mlflow.set_tags({"candidate": name,
-                         "mlflow.note.content": CANDIDATES[name].description})
-        result = cross_validate(pipeline, X, y, groups, config.cv)
-        mlflow.log_metrics({f"cv_{k}": v for k, v in result.summary.items()})
-        _log_figures(result, name)
+def comparison_table(nested: NestedResult) -> pd.DataFrame:
+    """One row per scored model (champion procedure, feature sets, families)."""
+    rows = []
+    for name, result in nested.results.items():
         s = result.summary
-        log.info("%-9s AUROC %.3f (95%% CI %.3f-%.3f)  AUPRC %.3f  Brier %.3f", name,
-                 s["auroc_mean"], s["auroc_ci_low"], s["auroc_ci_high"], s["auprc_mean"],
-                 s["brier_mean"])
-    return result
+        rows.append({"model": name, "auroc": s["auroc_mean"], "auroc_ci_low": s["auroc_ci_low"],
+                     "auroc_ci_high": s["auroc_ci_high"], "auprc": s["auprc_mean"],
+                     "brier": s["brier_mean"], "calibration_slope": s["calibration_slope_mean"],
+                     "calibration_in_the_large": s["calibration_in_the_large_mean"]})
+    return pd.DataFrame(rows)
 
 
-def _shuffled_label_control(
-    name: str, config: TrainConfig, X: pd.DataFrame, y: np.ndarray, groups: np.ndarray,
-    n_permutations: int = 3,
-) -> float:
-    """CV AUROC of the chosen pipeline with shuffled labels: must be ~0.5, else it leaks.
-
-    A value far from 0.5 on a real cohort means information about the label reaches the
-    model by another route. One permutation spreads 0.40-0.60 on a cohort of a few hundred
-    (docs/benchmarks.md), so the mean of a few is logged.
-    """
-    control = replace(config.cv, n_repeats=1, n_bootstrap=100)
-    pipeline = CANDIDATES[name].build(config.features, config.cv.seed)
-    rng = np.random.default_rng(config.cv.seed)
-    aurocs = [
-        cross_validate(pipeline, X, rng.permutation(y), groups, control).summary["auroc_mean"]
-        for _ in range(n_permutations)
-    ]
-    log.info("shuffled-label control AUROC %.3f (expect ~0.5; %d permutations)",
-             np.mean(aurocs), n_permutations)
-    return float(np.mean(aurocs))
-
-
-def _log_figures(result: CVResult, title: str) -> None:
-    _log_figure(roc_figure(result, title), "roc_curve.png")
-    _log_figure(calibration_figure(result, title), "calibration_curve.png")
+def _log_nested(nested: NestedResult, stability: dict[str, float], index: pd.Index) -> None:
+    """Champion metrics on the parent run; one nested run per feature set and family."""
+    champion = nested.champion
+    mlflow.log_metrics({f"cv_{k}": v for k, v in champion.summary.items()})
+    mlflow.log_metrics(stability)
+    for name, comparison in nested.comparisons.items():
+        mlflow.log_metrics({f"{name.replace('-', '_')}_{k}": v for k, v in comparison.items()})
+    mlflow.log_table(comparison_table(nested), "model_comparison.json")
+    folds = pd.DataFrame([{
+        "repeat": f.repeat, "fold": f.fold, "family": f.family, "feature_set": f.feature_set,
+        "params": json.dumps(f.params), "inner_score": f.inner_score,
+        "recalibration_slope": f.slope, "threshold": f.threshold,
+    } for f in nested.folds])
+    mlflow.log_table(folds, "outer_fold_choices.json")
+    mlflow.log_text(champion.predictions(index).to_csv(sep="\t"),
+                    "cv_predictions.tsv")
+    for figure, name in (
+        (plots.roc_figure(champion, "nested CV"), "roc_curve.png"),
+        (plots.pr_figure(champion, "nested CV"), "pr_curve.png"),
+        (plots.calibration_figure(champion, "nested CV"), "calibration_curve.png"),
+        (plots.decision_curve_figure(champion, "nested CV"), "decision_curve.png"),
+        (plots.comparison_figure(nested), "model_comparison.png"),
+        (plots.shap_stability_figure([f.importance for f in nested.folds], stability),
+         "shap_stability.png"),
+    ):
+        _log_figure(figure, name)
+    for name, result in nested.results.items():
+        if name == CHAMPION:
+            continue
+        with mlflow.start_run(run_name=name, nested=True):
+            kind, _, value = name.partition(":")
+            mlflow.set_tags({kind: value, "mlflow.note.content":
+                             f"Best {kind} '{value}' by inner CV, scored on the same outer "
+                             "folds as the champion (uncalibrated)."})
+            mlflow.log_metrics({f"cv_{k}": v for k, v in result.summary.items()})
+            _log_figure(plots.roc_figure(result, name), "roc_curve.png")
 
 
 def _log_figure(figure: plt.Figure, name: str) -> None:

@@ -1,0 +1,185 @@
+"""Nested cross-validation and the model search: nothing fitted or chosen ever sees the outer
+test fold, patients never straddle folds, permuted labels score as chance, and the
+recalibrated model is what the search serves."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.special import logit
+from sklearn.pipeline import Pipeline
+
+from tests.helpers import cohort
+from training import model as model_module
+from training.evaluation import (
+    CVConfig,
+    grouped_splits,
+    nested_cross_validate,
+    permutation_control,
+)
+from training.features import TaxonomyAligner
+from training.model import FAMILIES, Family, FeatureBlocks, FeatureConfig
+from training.structure import LinearDesign
+from training.tuning import ModelSearch, ResponseModel, recalibration
+
+
+class Spy:
+    """Records the sample ids every spied step is fitted on and transforms."""
+
+    events: ClassVar[list[tuple[str, frozenset[str]]]] = []
+
+    @classmethod
+    def record(cls, kind: str, X: pd.DataFrame) -> None:
+        cls.events.append((kind, frozenset(map(str, X.index))))
+
+
+class SpyAligner(TaxonomyAligner):
+    def fit(self, X: pd.DataFrame, y: object = None) -> SpyAligner:
+        Spy.record("fit", X)
+        return super().fit(X, y)
+
+    def transform(self, X: pd.DataFrame) -> pd.DataFrame:
+        Spy.record("transform", X)
+        return super().transform(X)
+
+
+class SpyDesign(LinearDesign):
+    def fit(self, X: pd.DataFrame, y: object = None) -> SpyDesign:
+        Spy.record("fit", X)
+        return super().fit(X, y)
+
+    def transform(self, X: pd.DataFrame) -> np.ndarray:
+        Spy.record("transform", X)
+        return super().transform(X)
+
+
+def _spied_linear(config: FeatureConfig, seed: int) -> Pipeline:
+    pipeline = model_module._linear(config, seed)
+    steps = dict(pipeline.steps)
+    steps["align"] = SpyAligner(config.rank)
+    steps["design"] = SpyDesign()
+    return Pipeline(list(steps.items()))
+
+
+@pytest.fixture
+def spied(monkeypatch: pytest.MonkeyPatch) -> str:
+    linear = FAMILIES["linear"]
+    monkeypatch.setitem(FAMILIES, "spied", Family("spied", "linear with spies", _spied_linear,
+                                                  linear.space, linear.n_iter))
+    Spy.events.clear()
+    return "spied"
+
+
+def _violations(events: list[tuple[str, frozenset[str]]], folds: list[tuple[set, set]]
+                ) -> list[tuple[str, int]]:
+    """Events that fit on, or transform, outer-test samples in any way other than the outer
+    fold's own final prediction (a transform of exactly that fold's test set)."""
+    bad = []
+    for kind, ids in events:
+        inside_a_training_fold = any(ids <= train for train, _ in folds)
+        outer_prediction = kind == "transform" and any(ids == test for _, test in folds)
+        if not (inside_a_training_fold or outer_prediction):
+            bad.append((kind, len(ids)))
+    return bad
+
+
+def test_nothing_fitted_or_chosen_sees_the_outer_test_fold(spied: str) -> None:
+    X, y, groups = cohort(60, seed=5)
+    config = CVConfig(n_splits=3, n_repeats=1, n_bootstrap=100, seed=1)
+    nested_cross_validate(ModelSearch(families=(spied,), inner_splits=3, seed=1), X, y, groups,
+                          config, regions=False)
+    folds = [({str(i) for i in X.index[train]}, {str(i) for i in X.index[test]})
+             for _, train, test in grouped_splits(y, groups, config)]
+    fits = [ids for kind, ids in Spy.events if kind == "fit"]
+    assert len(fits) > 3 * 20  # the inner search really ran through the spies
+    assert _violations(Spy.events, folds) == []
+    # control: choosing on all data (the leak nesting prevents) is caught by the same check
+    Spy.events.clear()
+    ModelSearch(families=(spied,), inner_splits=3, seed=1).fit(X, y, groups)
+    assert _violations(Spy.events, folds)
+
+
+def test_patients_never_straddle_inner_or_outer_folds(spied: str) -> None:
+    """Every fit during nested CV holds either all or none of a patient's episodes."""
+    X, y, groups = cohort(60, seed=6)
+    patient = dict(zip(map(str, X.index), groups, strict=True))
+    episodes = pd.Series(groups).value_counts()
+    nested_cross_validate(ModelSearch(families=(spied,), seed=2), X, y, groups,
+                          CVConfig(n_splits=3, n_bootstrap=100, seed=2), regions=False)
+    for kind, ids in Spy.events:
+        if kind == "fit":
+            counts = pd.Series([patient[i] for i in ids]).value_counts()
+            assert (counts == episodes[counts.index]).all()
+
+
+def test_permuted_labels_score_chance_through_the_nested_procedure() -> None:
+    """With a strong real signal, the same procedure on labels permuted by patient is ~0.5."""
+    X, y, groups = cohort(80, seed=7)
+    search = ModelSearch(seed=3)
+    config = CVConfig(n_splits=4, n_bootstrap=100, seed=3)
+    real = nested_cross_validate(search, X, y, groups, config, regions=False)
+    assert real.champion.summary["auroc_mean"] > 0.8
+    permuted = permutation_control(search, X, y, groups, config, n_permutations=5)
+    assert len(permuted) == 5
+    assert abs(np.mean(permuted) - 0.5) < 0.1
+
+
+def test_nested_result_scores_every_feature_set_and_family_on_the_same_folds() -> None:
+    X, y, groups = cohort(70, seed=8)
+    result = nested_cross_validate(ModelSearch(families=("linear", "xgboost"), seed=4), X, y,
+                                   groups, CVConfig(n_splits=3, n_bootstrap=100, seed=4))
+    assert {"champion", "set:clinical", "set:microbiome", "set:combined", "family:linear",
+            "family:xgboost"} <= set(result.results)
+    # the label follows one genus: the microbiome sets must beat clinical-only
+    assert result.results["set:microbiome"].summary["auroc_mean"] > 0.75
+    gain = result.comparisons["combined-vs-clinical"]
+    assert gain["auroc_difference"] > 0.1 and gain["ci_low"] > 0
+    assert len(result.folds) == 3 and all(not f.importance.empty for f in result.folds)
+    champion = result.champion.summary
+    assert "calibration_slope_ci_low" in champion and "calibration_in_the_large_ci_high" in champion
+
+
+def test_search_serves_a_recalibrated_model_of_its_best_configuration() -> None:
+    X, y, groups = cohort(60, seed=9)
+    search = ModelSearch(seed=5).fit(X, y, groups)
+    assert isinstance(search.model_, ResponseModel)
+    best = search.results_.loc[search.results_["inner_score"].idxmax()]
+    assert search.best_["params"] == best["params"]
+    params = search.model_.pipeline_.get_params()
+    assert all(params[k] == v for k, v in best["params"].items())
+    assert search.model_.pipeline_.memory is None
+    np.testing.assert_allclose(search.predict_proba(X), search.model_.predict_proba(X))
+    assert 0 < search.model_.threshold_ < 1
+
+
+def test_recalibration_never_inverts_a_ranking_and_flags_a_flat_model() -> None:
+    """Predictions that rank backwards out of fold collapse to the base rate (slope 0,
+    flagged), never to an inverted model; honest predictions keep a positive slope."""
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0.05, 0.95, 2000)
+    y = (rng.random(p.size) < p).astype(int)
+    intercept, slope = recalibration(y, 1 - p)
+    assert slope == 0.0 and intercept == pytest.approx(logit(y.mean()))
+    intercept, slope = recalibration(y, p)
+    assert slope == pytest.approx(1.0, abs=0.15) and intercept == pytest.approx(0.0, abs=0.15)
+    X, labels, groups = cohort(60, seed=10)
+    model = ResponseModel(FAMILIES["linear"].build(FeatureConfig(), 0), seed=0).fit(
+        X, labels, groups)
+    assert not model.flat
+    model.slope_ = 0.0
+    assert model.flat and np.ptp(model.predict_proba(X)[:, 1]) == 0.0
+
+
+def test_feature_blocks_keep_treatment_in_every_set() -> None:
+    X, y, _ = cohort(30, seed=11)
+    features = FAMILIES["linear"].build(FeatureConfig(), 0)[:2].fit_transform(X, y)
+    kept = {s: list(FeatureBlocks(s).fit(features).get_feature_names_out())
+            for s in ("clinical", "microbiome", "combined")}
+    assert any(c.startswith("treatment=") for c in kept["clinical"])
+    assert any(c.startswith("treatment=") for c in kept["microbiome"])
+    assert not any(c.startswith("d__") for c in kept["clinical"])
+    assert "age_years" not in kept["microbiome"] and "shannon_diversity" in kept["microbiome"]
+    assert set(kept["clinical"]) | set(kept["microbiome"]) == set(kept["combined"])
