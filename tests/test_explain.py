@@ -18,7 +18,8 @@ from training.model import FAMILIES, FeatureConfig
 from training.structure import INTERACTION
 from training.tuning import ResponseModel
 
-PARAMS = {"linear": {"design__interactions": 1.0, "design__microbiome": 1.0, "model__C": 1.0},
+PARAMS = {"linear": {"design__interactions": 1.0, "design__microbiome": 1.0,
+                     "model__alpha": 0.005},
           "xgboost": {"model__n_estimators": 60}}
 
 

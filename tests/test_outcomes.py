@@ -7,7 +7,16 @@ import pandas as pd
 import pytest
 
 from training import schema
-from training.outcomes import DEFINITIONS, TARGETS, classify, response_labels, target
+from training.outcomes import (
+    DEFAULT_WINDOWS,
+    DEFINITIONS,
+    TARGETS,
+    Outcomes,
+    classify,
+    derive_outcomes,
+    response_labels,
+    target,
+)
 
 # (definition, followup, baseline, followup_bleeding, steroid_dependent, expected)
 EDGE_CASES = [
@@ -119,8 +128,9 @@ def test_response_labels_from_followup(definition: str, expected: list[str]) -> 
 
 
 def test_response_labels_steroid_dependence_makes_nr() -> None:
-    labels = response_labels(_followup_frame(steroid_dependent=[1.0, np.nan, 0.0]))
-    assert labels.tolist() == ["NR", "R", "NR"]
+    frame = _followup_frame(treatment=["corticosteroid", "ivig", "corticosteroid"],
+                            steroid_dependent=[1.0, np.nan, 0.0])
+    assert response_labels(frame).tolist() == ["NR", "R", "NR"]
 
 
 @pytest.mark.parametrize("column", ["followup_platelets", "followup_bleeding"])
@@ -194,3 +204,184 @@ def test_target_errors() -> None:
         target(pd.Series(["CR"]), "partial")
     with pytest.raises(ValueError, match="'x' is 'maybe'"):
         target(pd.Series(["CR", "maybe"], index=["a", "x"]))
+
+
+# ------------------------------------------------------- derive_outcomes: exclusions and checks
+
+
+def _episode(treatment: str = "corticosteroid", baseline: float = 10.0,
+             followup: float = 120.0, day: float | None = 14.0, **extra: object
+             ) -> pd.DataFrame:
+    """One typed episode (as load_cohort returns it), sample id 'e1'."""
+    row: dict[str, object] = {
+        "treatment": treatment, "baseline_platelets": baseline, "followup_platelets": followup,
+        "followup_day": np.nan if day is None else day, "followup_bleeding": 0.0, **extra}
+    return pd.DataFrame([row], index=pd.Index(["e1"], name=schema.SAMPLE_ID))
+
+
+def test_derive_outcomes_keeps_valid_episodes() -> None:
+    frame = _followup_frame(treatment=["corticosteroid", "ivig", "tpo_ra"])
+    frame.loc["c", "followup_day"] = 30.0  # inside tpo_ra 7-90
+    result = derive_outcomes(frame)
+    assert isinstance(result, Outcomes)
+    pd.testing.assert_series_equal(result.labels, response_labels(frame))
+    assert result.excluded.empty
+    assert list(result.excluded.columns) == ["reason"]
+    assert result.unchecked_window == 1  # 'b' has no followup_day
+
+
+def test_missing_dependence_on_steroid_responder_is_an_error() -> None:
+    frame = pd.concat([_episode(steroid_dependent=np.nan).rename(index={"e1": "s1"}),
+                       _episode(steroid_dependent=0.0).rename(index={"e1": "s2"}),
+                       _episode(steroid_dependent=np.nan).rename(index={"e1": "s3"})])
+    message = r"steroid_dependent is empty for 2 .*: s1, s3; fill it with yes or no, or drop"
+    with pytest.raises(ValueError, match=message):
+        derive_outcomes(frame)
+    with pytest.raises(ValueError, match=message):
+        response_labels(frame)
+
+
+def test_missing_dependence_on_steroid_non_responder_is_fine() -> None:
+    frame = _episode(followup=20.0, steroid_dependent=np.nan)  # NR whatever the dependence
+    assert derive_outcomes(frame).labels.tolist() == ["NR"]
+
+
+@pytest.mark.parametrize("treatment", ["ivig", "tpo_ra"])
+def test_missing_dependence_on_non_steroid_episode_is_fine(treatment: str) -> None:
+    frame = _episode(treatment, day=7.0, steroid_dependent=np.nan)
+    assert derive_outcomes(frame).labels.tolist() == ["CR"]
+    assert response_labels(frame).tolist() == ["CR"]
+
+
+def test_missing_dependence_without_treatment_column_is_an_error() -> None:
+    frame = _followup_frame(steroid_dependent=[0.0, np.nan, 0.0])  # 'b' scores R
+    with pytest.raises(ValueError, match=r"for 1 .*: b \(there is no 'treatment' column"):
+        response_labels(frame)
+
+
+def test_absent_dependence_column_means_not_dependent() -> None:
+    frame = _episode()
+    assert "steroid_dependent" not in frame
+    assert derive_outcomes(frame).labels.tolist() == ["CR"]
+    assert response_labels(frame).tolist() == ["CR"]
+
+
+def test_dependence_given_as_yes_no_text() -> None:
+    frame = _episode(steroid_dependent="yes")
+    assert derive_outcomes(frame).labels.tolist() == ["NR"]
+
+
+@pytest.mark.parametrize(("definition", "threshold"), [("ge50", "50"), ("iwg_or", "30")])
+def test_baseline_at_response_count_is_excluded(definition: str, threshold: str) -> None:
+    result = derive_outcomes(_episode(baseline=60.0, followup=55.0), definition)
+    assert result.labels.empty
+    assert result.excluded.index.tolist() == ["e1"]
+    reason = result.excluded.loc["e1", "reason"]
+    assert f"baseline_platelets 60 is at or above {threshold}," in reason
+    assert repr(definition) in reason
+
+
+def test_baseline_below_iwg_ceiling_is_scored() -> None:
+    result = derive_outcomes(_episode(baseline=60.0, followup=55.0), "iwg")
+    assert result.labels.tolist() == ["NR"]  # 55 is neither >= 100 nor a 2-fold rise
+    assert result.excluded.empty
+
+
+def test_baseline_100_is_excluded_under_iwg() -> None:
+    result = derive_outcomes(_episode(baseline=100.0, followup=100.0), "iwg")
+    assert result.labels.empty
+    assert "baseline_platelets 100 is at or above 100," in result.excluded.loc["e1", "reason"]
+
+
+def test_baseline_just_under_ceiling_is_kept() -> None:
+    result = derive_outcomes(_episode(baseline=49.9, followup=55.0), "ge50")
+    assert result.labels.tolist() == ["R"]
+
+
+def test_followup_day_outside_window_is_excluded() -> None:
+    result = derive_outcomes(_episode(day=3650.0))
+    assert result.labels.empty
+    assert result.excluded.loc["e1", "reason"] == (
+        "followup_day 3650 outside the corticosteroid response window 7-30 days")
+
+
+@pytest.mark.parametrize("day", [7.0, 28.0, 30.0])
+def test_followup_day_inside_window_is_kept(day: float) -> None:
+    result = derive_outcomes(_episode(day=day))
+    assert result.labels.tolist() == ["CR"]
+    assert result.excluded.empty
+    assert result.unchecked_window == 0
+
+
+def test_missing_followup_day_is_counted_not_excluded() -> None:
+    result = derive_outcomes(_episode(day=None))
+    assert result.labels.tolist() == ["CR"]
+    assert result.unchecked_window == 1
+
+
+def test_both_reasons_are_reported() -> None:
+    result = derive_outcomes(_episode(baseline=120.0, followup=150.0, day=365.0))
+    reason = result.excluded.loc["e1", "reason"]
+    assert "baseline_platelets 120" in reason and "followup_day 365" in reason
+    assert result.unchecked_window == 0
+
+
+def test_custom_windows_override_defaults() -> None:
+    frame = _episode(day=60.0)
+    assert not derive_outcomes(frame).excluded.empty  # outside the default 7-30
+    result = derive_outcomes(frame, windows={"corticosteroid": (7, 90)})
+    assert result.labels.tolist() == ["CR"]
+    narrow = derive_outcomes(_episode(day=14.0), windows={"corticosteroid": (21, 28)})
+    assert narrow.excluded.loc["e1", "reason"].endswith("window 21-28 days")
+
+
+def test_treatment_missing_from_windows_is_not_checked() -> None:
+    result = derive_outcomes(_episode(day=3650.0, treatment="ivig"),
+                             windows={"corticosteroid": (7, 30)})
+    assert result.labels.tolist() == ["CR"]
+    assert result.unchecked_window == 0
+
+
+def test_empty_windows_disable_the_check() -> None:
+    result = derive_outcomes(_episode(day=3650.0), windows={})
+    assert result.labels.tolist() == ["CR"]
+    assert result.excluded.empty
+    assert derive_outcomes(_episode(day=None), windows={}).unchecked_window == 0
+
+
+@pytest.mark.parametrize(("windows", "message"), [
+    ({"steroids": (7, 30)}, "unknown treatment in windows 'steroids'"),
+    ({"ivig": (14, 1)}, "0 <= first_day <= last_day, got 14-1"),
+    ({"ivig": 14}, "must be \\(first_day, last_day\\)"),
+])
+def test_bad_windows_are_refused(windows: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        derive_outcomes(_episode(), windows=windows)  # type: ignore[arg-type]
+
+
+def test_default_windows_cover_every_treatment() -> None:
+    assert set(DEFAULT_WINDOWS) == set(schema.TREATMENTS)
+    assert DEFAULT_WINDOWS["corticosteroid"] == (7, 30)
+
+
+def test_precomputed_response_gets_the_checks_its_columns_allow() -> None:
+    frame = pd.DataFrame(
+        {"treatment": ["corticosteroid", "ivig", "ivig"],
+         "baseline_platelets": [10.0, 150.0, 20.0], "response": ["CR", "CR", "R"]},
+        index=pd.Index(["a", "b", "c"], name=schema.SAMPLE_ID))
+    result = derive_outcomes(frame)
+    assert result.labels.tolist() == ["CR", "R"]
+    assert result.excluded.index.tolist() == ["b"]
+    assert result.unchecked_window == 2  # no followup_day column: nothing checked
+    bare = derive_outcomes(frame[["response"]])
+    assert bare.labels.tolist() == ["CR", "CR", "R"]
+    assert bare.excluded.empty and bare.unchecked_window == 0
+
+
+def test_derive_outcomes_keeps_the_source_rules() -> None:
+    with pytest.raises(ValueError, match="ambiguous"):
+        derive_outcomes(_followup_frame(response=["CR", "R", "NR"]))
+    with pytest.raises(ValueError, match="unknown definition 'who'"):
+        derive_outcomes(_episode(), "who")
+    with pytest.raises(ValueError, match="followup_bleeding is missing for 1 sample\\(s\\): e1"):
+        derive_outcomes(_episode(followup_bleeding=np.nan))

@@ -81,14 +81,22 @@ def simulate(n_patients: int, seed: int, out: Path, scenario: str, signal: float
 def validate(data: Path, min_reads: int, definition: str) -> None:
     """Check a cohort against the data contract and summarise it, without training."""
     from training.cohort import load_cohort
-    from training.outcomes import response_labels
+    from training.outcomes import derive_outcomes
 
     cohort = _or_exit(lambda: load_cohort(data, min_reads=min_reads))
-    responses = _or_exit(lambda: response_labels(cohort.metadata, definition))
+    outcomes = _or_exit(lambda: derive_outcomes(cohort.metadata, definition))
     click.echo(f"{data}: valid. {len(cohort.metadata)} episodes, "
                f"{cohort.groups.nunique()} patients, {cohort.counts.shape[1]} taxa, "
                f"{len(cohort.dropped)} samples dropped.")
-    click.echo(f"responses ({definition}): {responses.value_counts().to_dict()}")
+    click.echo(f"responses ({definition}): {outcomes.labels.value_counts().to_dict()}")
+    if len(outcomes.excluded):
+        click.echo(f"excluded from training: {len(outcomes.excluded)} episodes that cannot "
+                   "show a response:")
+        for sample, reason in outcomes.excluded["reason"].head(20).items():
+            click.echo(f"  {sample}: {reason}")
+    if outcomes.unchecked_window:
+        click.echo(f"followup_day missing for {outcomes.unchecked_window} episodes: their "
+                   "response window could not be checked")
     click.echo(f"fingerprint: {cohort.fingerprint}")
 
 
@@ -129,6 +137,10 @@ def validate(data: Path, min_reads: int, definition: str) -> None:
 @click.option("--min-reads", type=click.IntRange(min=0), default=1000, show_default=True)
 @click.option("--rank", default="genus", show_default=True, help="Taxonomic rank of features.")
 @click.option("--min-prevalence", type=click.FloatRange(0, 1), default=0.1, show_default=True)
+@click.option("--response-window", "response_windows", multiple=True, metavar="TREATMENT=LO-HI",
+              help="Days after treatment start within which the response assessment must "
+                   "fall, e.g. corticosteroid=7-30 (repeatable; overrides that treatment's "
+                   "default, docs/data-format.md). Episodes outside are excluded.")
 @click.option("--missing-indicators", is_flag=True,
               help="Add missing-value indicators to the linear model; only for markers whose "
                    "missingness is informative (off by default).")
@@ -140,7 +152,8 @@ def train(
     preset: str, families: str | None, splits: int, repeats: int | None,
     inner_splits: int | None, permutations: int | None, threshold: str, bootstrap: int,
     seed: int, jobs: int, min_reads: int, rank: str, min_prevalence: float,
-    missing_indicators: bool, export_to: Path | None, tracking_uri: str,
+    response_windows: tuple[str, ...], missing_indicators: bool, export_to: Path | None,
+    tracking_uri: str,
 ) -> None:
     """Nested CV of the model search, refit on all data, log and register the champion."""
     from training.evaluation import CVConfig
@@ -173,6 +186,7 @@ def train(
                     n_repeats=repeats or PRESET_SETTINGS[preset]["n_repeats"],
                     n_bootstrap=bootstrap, seed=seed, n_jobs=jobs),
         inner_splits=inner_splits, permutations=permutations, threshold=policy,
+        windows=_windows(response_windows),
     )
     result = _or_exit(lambda: run_training(config))
     if export_to:
@@ -193,6 +207,23 @@ def export(model_uri: str, out: Path, tracking_uri: str) -> None:
 
     _tracking(tracking_uri)
     click.echo(f"exported {model_uri} to {_or_exit(lambda: export_bundle(model_uri, out))}")
+
+
+def _windows(options: tuple[str, ...]) -> dict[str, tuple[int, int]] | None:
+    """TREATMENT=LO-HI options -> the default windows with those treatments replaced."""
+    from training.outcomes import DEFAULT_WINDOWS
+
+    if not options:
+        return None
+    windows = dict(DEFAULT_WINDOWS)
+    for option in options:
+        treatment, _, days = option.partition("=")
+        low, _, high = days.partition("-")
+        if not (low.strip().isdigit() and high.strip().isdigit()):
+            raise click.BadParameter(f"{option!r}: expected TREATMENT=LO-HI, e.g. "
+                                     "corticosteroid=7-30", param_hint="--response-window")
+        windows[treatment.strip()] = (int(low), int(high))
+    return windows
 
 
 def _or_exit(action: Callable[[], T]) -> T:

@@ -204,7 +204,7 @@ def nested_cross_validate(
     """
     y = np.asarray(y)
     groups = np.asarray(groups)
-    check_cohort_size(y, groups, config.n_splits)
+    check_cohort_size(y, groups, config.n_splits, getattr(search, "inner_splits", 0))
     splits = [(r, k, train, test) for k, (r, train, test) in
               enumerate(grouped_splits(y, groups, config))]
     started = time.monotonic()
@@ -300,14 +300,25 @@ def shap_stability(importances: list[pd.Series], top: int = 10) -> dict[str, flo
             f"shap_top{top}_jaccard": float(np.mean(jaccards))}
 
 
-def check_cohort_size(y: np.ndarray, groups: np.ndarray, n_splits: int) -> None:
-    """Refuse cohorts too small to give every fold both outcomes."""
+def check_cohort_size(y: np.ndarray, groups: np.ndarray, n_splits: int,
+                      inner_splits: int = 0) -> None:
+    """Refuse cohorts too small to give every fold both outcomes.
+
+    Nested CV needs each class in every outer fold and, within each outer training fold
+    (about (k-1)/k of the patients), in every inner fold too.
+    """
+    need = n_splits
+    if inner_splits:
+        need = max(need, -(-inner_splits * n_splits // (n_splits - 1)))
     for label, name in ((1, "responders"), (0, "non-responders")):
         patients = len(np.unique(groups[y == label]))
-        if patients < n_splits:
+        if patients < need:
+            scheme = (f"{n_splits}-fold cross-validation" if not inner_splits else
+                      f"nested cross-validation with {n_splits} outer and {inner_splits} inner "
+                      f"folds")
             raise ValueError(
-                f"only {patients} patients among the {name}: need at least {n_splits} "
-                f"(one per fold) for {n_splits}-fold cross-validation"
+                f"only {patients} patients among the {name}: need at least {need} "
+                f"for {scheme}; a cohort this small cannot support a validated model"
             )
 
 

@@ -21,13 +21,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, TransformerMixin
-from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.utils.validation import check_is_fitted
 from xgboost import XGBClassifier
 
 from training.features import feature_steps
-from training.structure import LinearDesign, is_microbiome, is_treatment
+from training.structure import LinearDesign, PenalisedLogistic, is_microbiome, is_treatment
 
 FEATURE_SETS: tuple[str, ...] = ("clinical", "microbiome", "combined")
 PRESETS: tuple[str, ...] = ("fast", "thorough")
@@ -90,8 +89,7 @@ def _linear(config: FeatureConfig, seed: int) -> Pipeline:
         *_features(config),
         ("blocks", FeatureBlocks()),
         ("design", LinearDesign(missing_indicators=config.missing_indicators)),
-        ("model", LogisticRegression(l1_ratio=1.0, solver="liblinear", C=0.1,
-                                     max_iter=1000, random_state=seed)),
+        ("model", PenalisedLogistic(alpha=0.02, random_state=seed)),
     ])
 
 
@@ -125,16 +123,18 @@ class _ToArray(TransformerMixin, BaseEstimator):
 
 
 def _linear_space(preset: str) -> list[dict[str, list[Any]]]:
+    # alpha: L1 penalty per episode; 0.007-0.07 spans "most markers in" to "a handful"
     if preset == "fast":
-        c, microbiome, interactions = [0.05, 0.15, 0.5], [0.25, 0.5, 1.0], [0.0, 0.5]
+        alpha, microbiome, interactions = [0.06, 0.02, 0.007], [0.25, 0.5, 1.0], [0.0, 0.5]
     else:
-        c = list(np.round(np.geomspace(0.02, 2.0, 7), 4))
+        alpha = list(np.round(np.geomspace(0.1, 0.003, 7), 4))
         microbiome, interactions = [0.1, 0.25, 0.5, 1.0], [0.0, 0.25, 0.5, 1.0]
     return [
-        {"blocks__blocks": ["combined"], "model__C": c, "design__microbiome": microbiome,
+        {"blocks__blocks": ["combined"], "model__alpha": alpha,
+         "design__microbiome": microbiome, "design__interactions": interactions},
+        {"blocks__blocks": ["clinical"], "model__alpha": alpha,
          "design__interactions": interactions},
-        {"blocks__blocks": ["clinical"], "model__C": c, "design__interactions": interactions},
-        {"blocks__blocks": ["microbiome"], "model__C": c, "design__interactions": [0.0]},
+        {"blocks__blocks": ["microbiome"], "model__alpha": alpha, "design__interactions": [0.0]},
     ]
 
 
@@ -149,6 +149,18 @@ def _xgboost_space(preset: str) -> list[dict[str, list[Any]]]:
     return [{"blocks__blocks": [s], **space} for s in sets]
 
 
+def _linear_complexity(params: dict[str, Any]) -> tuple[float, ...]:
+    """Weaker penalty (smaller alpha), heavier blocks: more effective parameters."""
+    return (-params.get("model__alpha", 0.0), params.get("design__microbiome", 0.0),
+            params.get("design__interactions", 0.0))
+
+
+def _xgboost_complexity(params: dict[str, Any]) -> tuple[float, ...]:
+    return (params.get("model__max_depth", 3),
+            params.get("model__n_estimators", 100) * params.get("model__learning_rate", 0.1),
+            -params.get("model__min_child_weight", 1))
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -157,6 +169,10 @@ class Family:
     space: Callable[[str], list[dict[str, list[Any]]]] = field(repr=False)
     # Configurations sampled per preset; None searches the whole grid.
     n_iter: dict[str, int | None] = field(default_factory=dict)
+    # Sort key, simplest first: the one-standard-error rule picks the simplest configuration
+    # whose inner score is within one standard error of the best.
+    complexity: Callable[[dict[str, Any]], tuple[float, ...]] = field(
+        default=_linear_complexity, repr=False)
 
 
 FAMILIES: dict[str, Family] = {
@@ -167,7 +183,7 @@ FAMILIES: dict[str, Family] = {
                _linear, _linear_space, {"fast": None, "thorough": None}),
         Family("xgboost", "Gradient-boosted trees (XGBoost), depth, learning rate, trees and "
                "min_child_weight tuned; missing values native.",
-               _xgboost, _xgboost_space, {"fast": 6, "thorough": 24}),
+               _xgboost, _xgboost_space, {"fast": 6, "thorough": 24}, _xgboost_complexity),
     )
 }
 

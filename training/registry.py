@@ -47,6 +47,7 @@ TRUSTED_TYPES: list[str] = [
     "training.model.FeatureBlocks",
     "training.model._ToArray",
     "training.structure.LinearDesign",
+    "training.structure.PenalisedLogistic",
     "training.tuning.ResponseModel",
     "sklearn.compose._column_transformer.make_column_selector",
     "xgboost.core.Booster",

@@ -62,6 +62,25 @@ FEATURES: dict[str, str] = {
                     "true genus composition before read sampling",
     "signature": "ln(sum of the scenario's signature genera), true genus composition",
 }
+TAXON_FEATURE = "taxon:"  # taxon:<Genus> = log10(relative abundance of that genus + 1e-4)
+
+
+def feature_definition(feature: str) -> str:
+    """What a term of the true logit is computed from (FEATURES, or one genus's abundance)."""
+    if feature.startswith(TAXON_FEATURE):
+        return (f"log10(relative abundance of genus {feature.removeprefix(TAXON_FEATURE)} "
+                "+ 1e-4), true genus composition")
+    return FEATURES[feature]
+
+
+@dataclass(frozen=True)
+class Mediator:
+    """A genus whose abundance shifts an immune marker: ln marker += loading x the genus's
+    standardised log10 abundance. Its effect on response then runs through the marker."""
+
+    genus: str
+    marker: str
+    loading: float
 
 
 @dataclass(frozen=True)
@@ -193,6 +212,11 @@ class Scenario:
     species_prevalence: float = 0.5
     species_concentration: float = 2.0
     signature_genera: tuple[str, ...] = ("Bacteroides", "Parabacteroides")
+    # "dirichlet_multinomial": reads ~ DM(composition, theta); "logistic_normal": extra
+    # Gaussian noise of sd `logistic_normal_sd` on log abundances, then multinomial reads
+    count_model: str = "dirichlet_multinomial"
+    logistic_normal_sd: float = 0.8
+    mediators: tuple[Mediator, ...] = ()
     # response
     response_rates: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_RATES))
     effects: tuple[Effect, ...] = DEFAULT_EFFECTS
@@ -206,11 +230,45 @@ class Scenario:
         "h_pylori_eradication": (90, 180)})
 
 
+CLINICAL_EFFECTS: tuple[Effect, ...] = tuple(
+    e for e in DEFAULT_EFFECTS if e.feature not in ("scfa_balance", "signature"))
+FEW_STRONG_TAXA: tuple[Effect, ...] = (
+    Effect("taxon:Faecalibacterium", 0.9, (), "assumption: butyrate producer, per 10-fold"),
+    Effect("taxon:Bacteroides", 0.7, ("corticosteroid",),
+           "domain 4: Liu 2025 Bacteroides species; direction assumed"),
+    Effect("taxon:Streptococcus", -0.6, (), "assumption: oral-type pathobiont, per 10-fold"),
+)
+WEAK_TAXA: tuple[str, ...] = (
+    "Blautia", "Roseburia", "Anaerostipes", "Coprococcus", "Dorea", "Lachnospira",
+    "Ruminococcus", "Subdoligranulum", "Oscillibacter", "Alistipes", "Parabacteroides",
+    "Phascolarctobacterium", "Dialister", "Akkermansia", "Bifidobacterium", "Collinsella",
+    "Eggerthella", "Veillonella", "Enterococcus", "Lactobacillus",
+)
+MANY_WEAK_TAXA: tuple[Effect, ...] = tuple(
+    Effect(f"taxon:{g}", 0.2 if i % 2 == 0 else -0.2, (), "assumption: many weak effects")
+    for i, g in enumerate(WEAK_TAXA))
+
+# Scenarios vary the generative form, not only the signal strength (docs/simulator.md).
 SCENARIOS: dict[str, Scenario] = {
     "default": Scenario(),
     "null": Scenario(name="null", signal=0.0,
                      response_rates=dict.fromkeys(schema.TREATMENTS, 0.65)),
     "strong": Scenario(name="strong", signal=2.0),
+    "few_strong_taxa": Scenario(name="few_strong_taxa",
+                                effects=CLINICAL_EFFECTS + FEW_STRONG_TAXA),
+    "many_weak_taxa": Scenario(name="many_weak_taxa", effects=CLINICAL_EFFECTS + MANY_WEAK_TAXA),
+    "logistic_normal": Scenario(name="logistic_normal", count_model="logistic_normal",
+                                effects=CLINICAL_EFFECTS + FEW_STRONG_TAXA),
+    "mediated": Scenario(name="mediated",
+                         mediators=(Mediator("Faecalibacterium", "treg_pct", 0.5),),
+                         effects=(*CLINICAL_EFFECTS[:7],
+                                  Effect("std_log_treg_pct", 0.8, (),
+                                         "assumption: Treg mediates the SCFA-producer effect"),
+                                  *CLINICAL_EFFECTS[8:])),
+    "rate50": Scenario(name="rate50", response_rates=dict.fromkeys(schema.TREATMENTS, 0.50),
+                       effects=CLINICAL_EFFECTS + FEW_STRONG_TAXA),
+    "rate95": Scenario(name="rate95", response_rates=dict.fromkeys(schema.TREATMENTS, 0.95),
+                       effects=CLINICAL_EFFECTS + FEW_STRONG_TAXA),
 }
 
 
@@ -254,6 +312,7 @@ def simulate(n_patients: int, seed: int, scenario: Scenario) -> SimulatedCohort:
     patients = _patients(rng, n_patients, scenario)
     episodes = _episodes(rng, patients, scenario)
     composition = _composition(rng, patients, episodes, genera, scenario)
+    _mediate(episodes, composition, genera, scenario)
     reads = _species_reads(rng, _genus_reads(rng, composition, scenario), episodes, genera,
                            scenario)
     treatment = episodes[schema.TREATMENT].to_numpy()
@@ -481,6 +540,13 @@ def _genus_reads(rng: np.random.Generator, composition: np.ndarray, sc: Scenario
     """
     lo, hi = sc.library_log10_range
     depth = np.round(10.0 ** rng.uniform(lo, hi, len(composition))).astype(np.int64)
+    if sc.count_model == "logistic_normal":
+        noise = rng.normal(0.0, sc.logistic_normal_sd, composition.shape)
+        with np.errstate(divide="ignore"):
+            weights = special.softmax(np.log(composition) + noise, axis=1)
+        return rng.multinomial(depth, weights)
+    if sc.count_model != "dirichlet_multinomial":
+        raise ValueError(f"unknown count_model {sc.count_model!r}")
     weights = rng.gamma(composition * (1.0 - sc.theta) / sc.theta)
     return rng.multinomial(depth, weights / weights.sum(axis=1, keepdims=True))
 
@@ -538,7 +604,28 @@ def _features(episodes: pd.DataFrame, composition: np.ndarray, genera: pd.DataFr
     for name in IMMUNE_MARKERS:
         m = sc.markers[name]
         features[f"std_log_{name}"] = (np.log(episodes[name]) - math.log(m.median)) / m.log_sd
-    return pd.DataFrame(features).reset_index(drop=True)
+    for feature in {e.feature for e in sc.effects if e.feature.startswith(TAXON_FEATURE)}:
+        features[feature] = np.log10(_genus_share(composition, genera, feature) +
+                                     PSEUDO_ABUNDANCE)
+    return pd.DataFrame({k: np.asarray(v, dtype=float) for k, v in features.items()})
+
+
+def _genus_share(composition: np.ndarray, genera: pd.DataFrame, name: str) -> np.ndarray:
+    genus = name.removeprefix(TAXON_FEATURE)
+    mask = (genera["genus"] == genus).to_numpy()
+    if not mask.any():
+        raise ValueError(f"genus {genus!r} is not in the simulator's catalogue (genera.tsv)")
+    return composition[:, mask].sum(axis=1)
+
+
+def _mediate(episodes: pd.DataFrame, composition: np.ndarray, genera: pd.DataFrame,
+             sc: Scenario) -> None:
+    """Shift immune markers by their mediating genera (in place, rounded as written)."""
+    for mediator in sc.mediators:
+        level = np.log10(_genus_share(composition, genera, mediator.genus) + PSEUDO_ABUNDANCE)
+        z = (level - level.mean()) / (level.std() or 1.0)
+        shifted = episodes[mediator.marker] * np.exp(mediator.loading * z)
+        episodes[mediator.marker] = _round_to_schema(shifted.to_numpy(), mediator.marker)
 
 
 def _linear_predictor(features: pd.DataFrame, treatment: np.ndarray,
@@ -678,7 +765,7 @@ def _info(n_patients: int, seed: int, sc: Scenario, intercepts: dict[str, float]
           truth: pd.DataFrame) -> dict[str, Any]:
     by_treatment = truth.groupby(schema.TREATMENT)
     coefficients = [{
-        "name": e.name, "feature": e.feature, "definition": FEATURES[e.feature],
+        "name": e.name, "feature": e.feature, "definition": feature_definition(e.feature),
         "treatments": list(e.treatments or schema.TREATMENTS), "beta": sc.signal * e.beta,
         "direction": "up" if e.beta * sc.signal > 0 else "down" if e.beta * sc.signal < 0
         else "none", "source": e.source,
@@ -705,6 +792,11 @@ def _info(n_patients: int, seed: int, sc: Scenario, intercepts: dict[str, float]
 # --- oracle ----------------------------------------------------------------------------------
 
 MICROBIOME_TERMS: tuple[str, ...] = ("scfa_balance", "signature")
+
+
+def is_microbiome_term(feature: str) -> bool:
+    """A term computed from the microbiome (directly, not through a mediating marker)."""
+    return feature in MICROBIOME_TERMS or feature.startswith(TAXON_FEATURE)
 
 
 def oracle_design(metadata: pd.DataFrame, feature_table: pd.DataFrame, scenario: Scenario,
@@ -740,7 +832,7 @@ def oracle_design(metadata: pd.DataFrame, feature_table: pd.DataFrame, scenario:
     columns = {f"treatment={t}": (treatment == t).astype(float) for t in schema.TREATMENTS
                if (treatment == t).any()}
     for effect in scenario.effects:
-        if effect.beta == 0 or (not microbiome and effect.feature in MICROBIOME_TERMS):
+        if effect.beta == 0 or (not microbiome and is_microbiome_term(effect.feature)):
             continue
         applies = np.isin(treatment, effect.treatments) if effect.treatments else True
         columns[effect.name] = np.where(applies, features[effect.feature].to_numpy(), 0.0)

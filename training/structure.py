@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.impute import SimpleImputer
+from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 
@@ -137,3 +138,24 @@ class LinearDesign(TransformerMixin, BaseEstimator):
     def get_feature_names_out(self, input_features: object = None) -> np.ndarray:
         check_is_fitted(self, "weights_")
         return np.asarray(self._names(), dtype=object)
+
+
+class PenalisedLogistic(LogisticRegression):
+    """L1 (or elastic-net) logistic regression whose penalty is per episode: glmnet's lambda.
+
+    scikit-learn's C weighs the *sum* of the losses, so one C penalises a model fitted on the
+    whole cohort less than the same C on the two-thirds of it an inner fold sees: the final
+    model comes out less shrunk, and more overconfident, than the one that was tuned and
+    recalibrated. With C = 1 / (alpha * n) the shrinkage means the same at every size.
+    """
+
+    def __init__(self, alpha: float = 0.02, l1_ratio: float = 1.0, solver: str = "liblinear",
+                 max_iter: int = 1000, random_state: int | None = None) -> None:
+        super().__init__(l1_ratio=l1_ratio, solver=solver, max_iter=max_iter,
+                         random_state=random_state)
+        self.alpha = alpha
+
+    def fit(self, X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None
+            ) -> PenalisedLogistic:
+        self.C = 1.0 / (self.alpha * len(y))
+        return super().fit(X, y, sample_weight)

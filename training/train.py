@@ -24,6 +24,7 @@ import pandas as pd
 
 from training import plots, registry
 from training.cohort import Cohort, load_cohort
+from training.confounders import confounder_report, confounder_warnings
 from training.evaluation import (
     CHAMPION,
     CVConfig,
@@ -35,7 +36,8 @@ from training.evaluation import (
 from training.explain import ShapExplainer
 from training.features import feature_schema, model_input
 from training.model import DEFAULT_FAMILIES, FAMILIES, PRESETS, FeatureConfig
-from training.outcomes import response_labels, target
+from training.outcomes import derive_outcomes, target
+from training.schema import SUBJECT_ID
 from training.tuning import ModelSearch
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,7 @@ class TrainConfig:
     inner_splits: int | None = None  # None: the preset's
     permutations: int | None = None  # None: the preset's
     threshold: str | float = "youden"
+    windows: dict[str, tuple[int, int]] | None = None  # None: outcomes.DEFAULT_WINDOWS
 
     def resolved(self) -> TrainConfig:
         """Preset defaults filled in, names checked."""
@@ -106,19 +109,34 @@ class TrainResult:
 def train(config: TrainConfig) -> TrainResult:
     config = config.resolved()
     cohort = load_cohort(config.data, min_reads=config.min_reads)
-    responses = response_labels(cohort.metadata, config.definition)
+    outcomes = derive_outcomes(cohort.metadata, config.definition, config.windows)
+    metadata = cohort.metadata.loc[outcomes.labels.index]
+    responses = outcomes.labels
     y = target(responses, config.target).to_numpy()
-    X = model_input(cohort.metadata, cohort.counts)
-    groups = cohort.groups.to_numpy()
+    X = model_input(metadata, cohort.counts)
+    groups = metadata[SUBJECT_ID].to_numpy()
+    if len(outcomes.excluded):
+        log.warning("%d episodes excluded from training (cannot show a response under %s): "
+                    "%s", len(outcomes.excluded), config.definition,
+                    outcomes.excluded["reason"].value_counts().head(3).to_dict())
     log.info("cohort %s: %d episodes, %d patients, %d responders, %d taxa",
              cohort.source, len(y), len(np.unique(groups)), y.sum(), cohort.counts.shape[1])
     search = ModelSearch(families=config.families, features=config.features,
                          preset=config.preset, inner_splits=config.inner_splits,
                          seed=config.cv.seed, threshold=config.threshold)
 
+    confounders = confounder_report(metadata, cohort.counts, y)
+
     mlflow.set_experiment(config.experiment)
     with mlflow.start_run(run_name=f"train-{config.definition}-{config.target}") as run:
         _log_setup(config, cohort, responses, y, groups)
+        mlflow.log_params({"n_excluded_episodes": len(outcomes.excluded),
+                           "n_unchecked_followup_day": outcomes.unchecked_window})
+        if len(outcomes.excluded):
+            mlflow.log_table(outcomes.excluded.rename_axis("sample").reset_index(),
+                             "excluded_episodes.json")
+        if not confounders.empty:
+            mlflow.log_table(confounders, "confounders.json")
         nested = nested_cross_validate(search, X, y, groups, config.cv)
         champion = nested.champion.summary
         stability = shap_stability([f.importance for f in nested.folds])
@@ -139,7 +157,7 @@ def train(config: TrainConfig) -> TrainResult:
         chosen = {"family": str(final.best_["family"]),
                   "feature_set": str(final.best_["feature_set"]),
                   "params": dict(final.best_["params"])}
-        warnings = _warnings(model.flat, chosen, nested)
+        warnings = _warnings(model.flat, chosen, nested) + confounder_warnings(confounders)
         for warning in warnings:
             log.warning("%s", warning)
         mlflow.set_tags({"chosen_family": chosen["family"],
@@ -240,7 +258,7 @@ def _log_setup(
         **{f"version.{m.__name__}": m.__version__ for m in _versioned_modules()},
     })
     counts = responses.value_counts().reindex(["CR", "R", "NR"], fill_value=0)
-    by_treatment = pd.crosstab(cohort.metadata["treatment"], responses)
+    by_treatment = pd.crosstab(cohort.metadata.loc[responses.index, "treatment"], responses)
     mlflow.log_dict({"responses": counts.to_dict(),
                      "by_treatment": by_treatment.to_dict(orient="index"),
                      "dropped_samples": [list(d) for d in cohort.dropped]},

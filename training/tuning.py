@@ -133,7 +133,7 @@ class ModelSearch(ClassifierMixin, BaseEstimator):
     def __init__(self, families: tuple[str, ...] = ("linear",),
                  features: FeatureConfig | None = None, preset: str = "fast",
                  inner_splits: int = 3, seed: int = 7, threshold: str | float = "youden",
-                 scoring: str = "roc_auc") -> None:
+                 scoring: str = "roc_auc", selection: str = "one_se") -> None:
         self.families = families
         self.features = features
         self.preset = preset
@@ -141,6 +141,7 @@ class ModelSearch(ClassifierMixin, BaseEstimator):
         self.seed = seed
         self.threshold = threshold
         self.scoring = scoring
+        self.selection = selection
 
     def _cv(self) -> StratifiedGroupKFold:
         return StratifiedGroupKFold(self.inner_splits, shuffle=True, random_state=self.seed)
@@ -178,12 +179,23 @@ class ModelSearch(ClassifierMixin, BaseEstimator):
                                      **common))
         search.fit(features, y, groups=groups)
         cv = search.cv_results_
+        complexity = FAMILIES[family].complexity
         return [{"family": family, "feature_set": feature_set(params), "params": params,
-                 "inner_score": float(score), "inner_score_sd": float(sd)}
+                 "inner_score": float(score), "inner_score_sd": float(sd),
+                 "complexity": complexity(params)}
                 for params, score, sd in zip(cv["params"], cv["mean_test_score"],
                                              cv["std_test_score"], strict=True)]
+
     def best_of(self, family: str | None = None, features: str | None = None) -> pd.Series:
-        """The configuration with the best inner score, optionally within a family or set."""
+        """The chosen configuration, optionally within a family or feature set.
+
+        `selection="best"` takes the highest mean inner score. `"one_se"` (default) takes,
+        within the family and feature set of that best configuration, the simplest one whose
+        mean is within one standard error of it (glmnet's lambda.1se): the maximum over
+        dozens of noisy inner-CV estimates is optimistic, and its configuration overfits an
+        independent cohort; among statistically indistinguishable choices the simplest
+        generalises best.
+        """
         check_is_fitted(self, "results_")
         rows = self.results_
         if family is not None:
@@ -193,7 +205,14 @@ class ModelSearch(ClassifierMixin, BaseEstimator):
         if rows.empty:
             raise ValueError(f"no configuration searched for family={family}, "
                              f"feature set={features}")
-        return rows.loc[rows["inner_score"].idxmax()]
+        best = rows.loc[rows["inner_score"].idxmax()]
+        if self.selection == "best":
+            return best
+        standard_error = best["inner_score_sd"] / np.sqrt(self.inner_splits)
+        close = rows[(rows["family"] == best["family"])
+                     & (rows["feature_set"] == best["feature_set"])
+                     & (rows["inner_score"] >= best["inner_score"] - standard_error)]
+        return close.loc[min(close.index, key=lambda i: close.at[i, "complexity"])]
 
     def _configured(self, row: pd.Series) -> Pipeline:
         return self._pipeline(str(row["family"])).set_params(**row["params"])
