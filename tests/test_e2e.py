@@ -53,7 +53,10 @@ def test_training_run_logs_params_metrics_plots_model_and_schema(trained: Traine
     for name in ("cv_auprc_mean", "cv_brier_mean", "cv_calibration_slope_mean"):
         assert name in metrics
     assert run.data.params["definition"] == "iwg"
-    assert int(run.data.params["n_patients"]) == trained.truth["n_patients"]
+    params = run.data.params  # episodes that cannot show a response are excluded, and counted
+    assert int(params["n_episodes"]) + int(params["n_excluded_episodes"]) == trained.truth[
+        "n_episodes"]
+    assert int(params["n_patients"]) <= trained.truth["n_patients"]
     assert run.data.tags["data_fingerprint"] == load_cohort(trained.data).fingerprint
     assert run.data.tags["version.sklearn"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -13,6 +13,7 @@ import click
 
 from training.model import FAMILIES, PRESETS
 from training.outcomes import DEFINITIONS, TARGETS
+from training.schema import RANKS
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 T = TypeVar("T")
@@ -135,7 +136,9 @@ def validate(data: Path, min_reads: int, definition: str) -> None:
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Outer folds fitted in parallel.")
 @click.option("--min-reads", type=click.IntRange(min=0), default=1000, show_default=True)
-@click.option("--rank", default="genus", show_default=True, help="Taxonomic rank of features.")
+@click.option("--rank", "ranks", type=click.Choice(RANKS), multiple=True,
+              help="Taxonomic rank of the microbiome features (repeatable: the inner CV "
+                   "chooses among them; default: genus and species).")
 @click.option("--min-prevalence", type=click.FloatRange(0, 1), default=0.1, show_default=True)
 @click.option("--response-window", "response_windows", multiple=True, metavar="TREATMENT=LO-HI",
               help="Days after treatment start within which the response assessment must "
@@ -151,7 +154,7 @@ def train(
     data: Path, experiment: str, register: str, alias: str, definition: str, target: str,
     preset: str, families: str | None, splits: int, repeats: int | None,
     inner_splits: int | None, permutations: int | None, threshold: str, bootstrap: int,
-    seed: int, jobs: int, min_reads: int, rank: str, min_prevalence: float,
+    seed: int, jobs: int, min_reads: int, ranks: tuple[str, ...], min_prevalence: float,
     response_windows: tuple[str, ...], missing_indicators: bool, export_to: Path | None,
     tracking_uri: str,
 ) -> None:
@@ -180,7 +183,8 @@ def train(
         families=tuple(f.strip() for f in families.split(",") if f.strip()) if families
         else None,
         min_reads=min_reads,
-        features=FeatureConfig(rank=rank, min_prevalence=min_prevalence,
+        ranks=ranks or None,
+        features=FeatureConfig(rank=ranks[0] if ranks else "genus", min_prevalence=min_prevalence,
                                missing_indicators=missing_indicators),
         cv=CVConfig(n_splits=splits,
                     n_repeats=repeats or PRESET_SETTINGS[preset]["n_repeats"],

@@ -31,6 +31,9 @@ from training.structure import LinearDesign, PenalisedLogistic, is_microbiome, i
 FEATURE_SETS: tuple[str, ...] = ("clinical", "microbiome", "combined")
 PRESETS: tuple[str, ...] = ("fast", "thorough")
 FEATURE_STEPS = 2  # align + features: label-free, fitted once per training set
+# Taxonomic ranks the inner CV chooses among by default: species helps on real shotgun data
+# (docs/benchmarks.md); `ModelSearch(ranks=...)` and `itp-train train --rank` narrow it.
+DEFAULT_RANKS: tuple[str, ...] = ("genus", "species")
 
 
 @dataclass(frozen=True)

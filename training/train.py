@@ -70,6 +70,7 @@ class TrainConfig:
     families: tuple[str, ...] | None = None  # None: the preset's
     min_reads: int = 1000
     features: FeatureConfig = field(default_factory=FeatureConfig)
+    ranks: tuple[str, ...] | None = None  # None: model.DEFAULT_RANKS, chosen in inner CV
     cv: CVConfig = field(default_factory=CVConfig)
     inner_splits: int | None = None  # None: the preset's
     permutations: int | None = None  # None: the preset's
@@ -123,7 +124,7 @@ def train(config: TrainConfig) -> TrainResult:
              cohort.source, len(y), len(np.unique(groups)), y.sum(), cohort.counts.shape[1])
     search = ModelSearch(families=config.families, features=config.features,
                          preset=config.preset, inner_splits=config.inner_splits,
-                         seed=config.cv.seed, threshold=config.threshold)
+                         seed=config.cv.seed, threshold=config.threshold, ranks=config.ranks)
 
     confounders = confounder_report(metadata, cohort.counts, y)
 

@@ -28,7 +28,7 @@ from sklearn.model_selection import (
 from sklearn.pipeline import Pipeline
 from sklearn.utils.validation import check_is_fitted
 
-from training.model import FAMILIES, FEATURE_STEPS, FeatureConfig, feature_set
+from training.model import DEFAULT_RANKS, FAMILIES, FEATURE_STEPS, FeatureConfig, feature_set
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,8 @@ class ModelSearch(ClassifierMixin, BaseEstimator):
     def __init__(self, families: tuple[str, ...] = ("linear",),
                  features: FeatureConfig | None = None, preset: str = "fast",
                  inner_splits: int = 3, seed: int = 7, threshold: str | float = "youden",
-                 scoring: str = "roc_auc", selection: str = "one_se") -> None:
+                 scoring: str = "roc_auc", selection: str = "one_se",
+                 ranks: tuple[str, ...] | None = None) -> None:
         self.families = families
         self.features = features
         self.preset = preset
@@ -142,6 +143,7 @@ class ModelSearch(ClassifierMixin, BaseEstimator):
         self.threshold = threshold
         self.scoring = scoring
         self.selection = selection
+        self.ranks = ranks
 
     def _cv(self) -> StratifiedGroupKFold:
         return StratifiedGroupKFold(self.inner_splits, shuffle=True, random_state=self.seed)
@@ -157,15 +159,22 @@ class ModelSearch(ClassifierMixin, BaseEstimator):
         y = np.asarray(y)
         groups = np.arange(len(y)) if groups is None else np.asarray(groups)
         first = self._pipeline(self.families[0])
-        features = first[:FEATURE_STEPS].fit_transform(X, y)
-        rows = [row for family in self.families
-                for row in self._search(family, features, y, groups)]
+        rows = []
+        for rank in self._ranks():
+            features = first[:FEATURE_STEPS].set_params(align__rank=rank).fit_transform(X, y)
+            rows += [{**row, "rank": rank, "params": {"align__rank": rank, **row["params"]}}
+                     for family in self.families
+                     for row in self._search(family, features, y, groups)]
         self.results_ = pd.DataFrame(rows)
         self.best_ = self.best_of()
         self.model_ = ResponseModel(self._configured(self.best_), self.inner_splits, self.seed,
                                     self.threshold).fit(X, y, groups)
         self.classes_ = self.model_.classes_
         return self
+
+    def _ranks(self) -> tuple[str, ...]:
+        """Taxonomic ranks the inner CV chooses among: `ranks`, else DEFAULT_RANKS."""
+        return tuple(self.ranks) if self.ranks else DEFAULT_RANKS
 
     def _search(self, family: str, features: pd.DataFrame, y: np.ndarray,
                 groups: np.ndarray) -> list[dict[str, Any]]:
@@ -211,6 +220,7 @@ class ModelSearch(ClassifierMixin, BaseEstimator):
         standard_error = best["inner_score_sd"] / np.sqrt(self.inner_splits)
         close = rows[(rows["family"] == best["family"])
                      & (rows["feature_set"] == best["feature_set"])
+                     & (rows["rank"] == best["rank"])
                      & (rows["inner_score"] >= best["inner_score"] - standard_error)]
         return close.loc[min(close.index, key=lambda i: close.at[i, "complexity"])]
 
