@@ -16,10 +16,10 @@ from training.cohort import (
     Cohort,
     CohortError,
     load_cohort,
-    read_feature_table,
     read_metadata,
 )
 from training.outcomes import response_labels
+from training.profiles import read_feature_table
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "data-format.md"
 TAXA = ("d__Bacteria;p__Firmicutes;g__Blautia", "d__Bacteria;p__Bacteroidota;g__Bacteroides",
@@ -275,9 +275,6 @@ ERROR_CASES = {
         None, table_text(taxa=(TAXA[0], "4b5eeb300368260019c1fbc7a3c718fc", TAXA[2])),
         ["feature-table.tsv", "line 4, column '#OTU ID'", "'4b5eeb300368260019c1fbc7a3c718fc'",
          "lineage"]),
-    "taxonomy column": (
-        None, "#OTU ID\tS1\tS2\tS3\ttaxonomy\nasv1\t1\t2\t3\td__Bacteria\n",
-        ["feature-table.tsv", "line 1", "'taxonomy'", "lineage"]),
     "negative count": (
         None, BAD_TABLE_HEADER + f"{TAXA[0]}\t1200\t-4\t10\n",
         ["feature-table.tsv", "line 2", f"taxon '{TAXA[0]}'", "sample 'S2'", "negative"]),
@@ -322,7 +319,7 @@ def test_missing_metadata_file(tmp_path: Path) -> None:
 
 def test_missing_feature_table(tmp_path: Path) -> None:
     (tmp_path / "metadata.tsv").write_text(tsv(METADATA))
-    with pytest.raises(CohortError, match=r"neither feature-table\.tsv nor feature-table\.biom"):
+    with pytest.raises(CohortError, match=r"none of feature-table\.tsv, feature-table\.biom"):
         load_cohort(tmp_path)
 
 

@@ -81,14 +81,17 @@ def simulate(n_patients: int, seed: int, out: Path, scenario: str, signal: float
 @click.option("--definition", type=click.Choice(DEFINITIONS), default="iwg", show_default=True)
 def validate(data: Path, min_reads: int, definition: str) -> None:
     """Check a cohort against the data contract and summarise it, without training."""
-    from training.cohort import load_cohort
+    from training.cohort import depth_report, load_cohort
     from training.outcomes import derive_outcomes
 
     cohort = _or_exit(lambda: load_cohort(data, min_reads=min_reads))
     outcomes = _or_exit(lambda: derive_outcomes(cohort.metadata, definition))
     click.echo(f"{data}: valid. {len(cohort.metadata)} episodes, "
-               f"{cohort.groups.nunique()} patients, {cohort.counts.shape[1]} taxa, "
+               f"{cohort.groups.nunique()} patients, {cohort.counts.shape[1]} taxa "
+               f"({cohort.profile_source}, {cohort.abundance}), "
                f"{len(cohort.dropped)} samples dropped.")
+    for line in depth_report(cohort):
+        click.echo(line)
     click.echo(f"responses ({definition}): {outcomes.labels.value_counts().to_dict()}")
     if len(outcomes.excluded):
         click.echo(f"excluded from training: {len(outcomes.excluded)} episodes that cannot "

@@ -8,24 +8,20 @@ docs/data-format.md describes the same contract in prose.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
-import re
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from training import schema
+from training import files, schema
+from training.files import MAX_LISTED, CohortError
+from training.profiles import Profiles, find_profiles, read_profiles
 from training.schema import Field, Kind
 
 METADATA_FILE = "metadata.tsv"
-TABLE_TSV = "feature-table.tsv"
-TABLE_BIOM = "feature-table.biom"
-TABLE_HEADER = "#OTU ID"
 # Looked up in the schema so a renamed field fails at import, not deep inside a load.
 RESPONSE = schema.FIELDS_BY_NAME["response"].name
 BLEEDING_SCORE = schema.FIELDS_BY_NAME["bleeding_score"].name
@@ -33,11 +29,6 @@ BLEEDING_SCALE = schema.FIELDS_BY_NAME["bleeding_scale"].name
 # Follow-up columns without which the label cannot be derived (followup_day is informative only).
 FOLLOWUP_REQUIRED: tuple[str, ...] = tuple(
     schema.FIELDS_BY_NAME[name].name for name in ("followup_platelets", "followup_bleeding"))
-MAX_LISTED = 10
-
-
-class CohortError(ValueError):
-    """A cohort file breaks the data contract; the message says where and how to fix it."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -48,85 +39,17 @@ class Cohort:
     counts: pd.DataFrame
     source: Path
     fingerprint: str
-    dropped: tuple[tuple[str, str], ...] = ()
+    dropped: tuple[tuple[str, str], ...] = ()  # (sample, why) set aside by the depth filter
+    unassigned_share: pd.Series | None = None  # per sample, share of reads with no taxon
+    abundance: str = "counts"  # or "relative" (profiles.Profiles.abundance)
+    profile_source: str = "table"  # "table", "qiime2" or "metaphlan"
+    min_reads: int = 0
+    depth_hint: str = ""
 
     @property
     def groups(self) -> pd.Series:
         """Subject per sample: repeated episodes of one patient must share a CV fold."""
         return self.metadata[schema.SUBJECT_ID]
-
-
-# --------------------------------------------------------------------------- errors
-
-
-def _error(path: Path, problems: Sequence[str], total: int | None = None) -> CohortError:
-    """One error for many problems, so a user fixes a file in one pass, not ten."""
-    total = len(problems) if total is None else total
-    if total == 1:
-        return CohortError(f"{path}: {problems[0]}")
-    listed = "\n  ".join(problems[:MAX_LISTED])
-    more = total - min(len(problems), MAX_LISTED)
-    tail = f"\n  and {more} more" if more > 0 else ""
-    return CohortError(f"{path}: {total} problems:\n  {listed}{tail}")
-
-
-def _names(values: Iterable[object]) -> str:
-    items = [repr(v) for v in values]
-    head = ", ".join(items[:MAX_LISTED])
-    return head + (f" and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else "")
-
-
-# --------------------------------------------------------------------------- raw files
-
-
-def _read_bytes(path: Path) -> bytes:
-    if not path.is_file():
-        raise CohortError(f"{path}: file not found")
-    return path.read_bytes()
-
-
-def _decode(path: Path, raw: bytes) -> str:
-    """UTF-8 with an optional BOM, because spreadsheet exports add one."""
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise CohortError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
-    if not text.strip():
-        raise CohortError(f"{path}: file is empty")
-    return text
-
-
-def _cells(path: Path, text: str, *, first_line: int = 1, quoting: int = csv.QUOTE_MINIMAL
-           ) -> pd.DataFrame:
-    """Every cell as a stripped string; row i is file line first_line + i (blank lines kept)."""
-    try:
-        cells = pd.read_csv(io.StringIO(text), sep="\t", header=None, dtype=str,
-                            keep_default_na=False, skip_blank_lines=False, quoting=quoting)
-    except pd.errors.ParserError as exc:
-        message = re.sub(r"line (\d+)", lambda m: f"line {int(m[1]) + first_line - 1}",
-                         str(exc).replace("Error tokenizing data. C error: ", "")).strip()
-        if message.startswith("Expected"):
-            message += " (a row has more cells than the header)"
-        raise CohortError(f"{path}: {message}") from None
-    except pd.errors.EmptyDataError:
-        raise CohortError(f"{path}: file is empty") from None
-    cells = cells.fillna("").astype(object).apply(lambda col: col.str.strip())
-    cells.index = pd.RangeIndex(first_line, first_line + len(cells))
-    return cells.loc[:, (cells != "").any(axis=0)]  # spreadsheets leave trailing empty columns
-
-
-def _header(path: Path, header: list[str], what: str, line: int) -> list[str]:
-    """Column names must be present and unique, or columns silently shadow each other."""
-    problems = [f"line {line}, column {i + 1}: empty {what}"
-                for i, name in enumerate(header) if name == ""]
-    names = pd.Series(header)
-    for name in names[names.duplicated() & (names != "")].unique():
-        positions = ", ".join(str(i + 1) for i in np.flatnonzero(names == name))
-        problems.append(f"line {line}: {what} {name!r} appears more than once "
-                        f"(columns {positions})")
-    if problems:
-        raise _error(path, problems)
-    return header
 
 
 # --------------------------------------------------------------------------- metadata
@@ -220,13 +143,13 @@ def _outcome_problems(columns: Sequence[str]) -> list[str]:
     """The label must come from exactly one source: never mix a given and a derived label."""
     followups = [c for c in schema.FOLLOWUP_COLUMNS if c in columns]
     if RESPONSE in columns and followups:
-        return [f"line 1: both {RESPONSE!r} and follow-up columns ({_names(followups)}) are "
+        return [f"line 1: both {RESPONSE!r} and follow-up columns ({files.names(followups)}) are "
                 f"present, so the label is ambiguous; keep either {RESPONSE!r} or the "
                 "follow-up columns"]
     if RESPONSE not in columns and not followups:
         optional = [c for c in schema.FOLLOWUP_COLUMNS if c not in FOLLOWUP_REQUIRED]
-        return [f"line 1: no outcome columns; add {_names(FOLLOWUP_REQUIRED)} (optionally "
-                f"{_names(optional)}), or a precomputed {RESPONSE!r} column"]
+        return [f"line 1: no outcome columns; add {files.names(FOLLOWUP_REQUIRED)} (optionally "
+                f"{files.names(optional)}), or a precomputed {RESPONSE!r} column"]
     if followups:
         return [f"line 1: column {c!r} is missing; it is required with the follow-up columns"
                 for c in FOLLOWUP_REQUIRED if c not in columns]
@@ -238,18 +161,18 @@ def _metadata_header(path: Path, cells: pd.DataFrame) -> list[str]:
     if header[0] != schema.SAMPLE_ID:
         raise CohortError(f"{path}: line 1, column 1: the first column must be named "
                           f"{schema.SAMPLE_ID!r} (header on line 1), found {header[0]!r}")
-    header = _header(path, header, "column name", 1)
+    header = files.header(path, header, "column name", 1)
     problems = [f"line 1: required column {c!r} is missing"
                 for c in schema.REQUIRED_COLUMNS if c not in header]
     problems += _outcome_problems(header)
     if problems:
-        raise _error(path, problems)
+        raise files.error(path, problems)
     return header
 
 
 def _parse_metadata(path: Path, raw: bytes) -> tuple[pd.DataFrame, pd.Series]:
     """Typed metadata plus each sample's file line (for cross-file messages)."""
-    cells = _cells(path, _decode(path, raw))
+    cells = files.cells(path, files.decode(path, raw))
     header = _metadata_header(path, cells)
     body = cells.iloc[1:].set_axis(header, axis=1)
     keep = ~body[schema.SAMPLE_ID].str.startswith("#") & (body != "").any(axis=1)
@@ -290,7 +213,7 @@ def _parse_metadata(path: Path, raw: bytes) -> tuple[pd.DataFrame, pd.Series]:
     frame = pd.DataFrame(typed, index=body.index)
     _check_bleeding(rows, frame, body.get(BLEEDING_SCALE, empty))
     if rows.problems:
-        raise _error(path, rows.problems)
+        raise files.error(path, rows.problems)
 
     lines = pd.Series(body.index, index=pd.Index(ids.tolist(), dtype=object,
                                                  name=schema.SAMPLE_ID))
@@ -305,113 +228,7 @@ def read_metadata(path: Path) -> pd.DataFrame:
     (str or None); every clinical field is present, outcome columns only when in the file.
     """
     path = Path(path)
-    return _parse_metadata(path, _read_bytes(path))[0]
-
-
-# --------------------------------------------------------------------------- feature table
-
-
-def _table_header_line(path: Path, text: str) -> int:
-    """0-based index of the '#OTU ID' line; biom writes a '# Constructed from ...' line first."""
-    for number, line in enumerate(text.splitlines()):
-        first = line.split("\t", 1)[0].strip()
-        if first == TABLE_HEADER:
-            return number
-        if line.strip() and not first.startswith("#"):
-            break
-    raise CohortError(f"{path}: no header line starting {TABLE_HEADER!r} (the layout "
-                      "'biom convert --to-tsv' writes: taxa in rows, samples in columns)")
-
-
-def _check_taxa(path: Path, taxa: pd.Series, where: Callable[[object], str]) -> None:
-    """Taxon ids must be lineages: downstream code recognises taxa by their rank prefixes."""
-    problems = [f"{where(i)}: empty taxon id" for i in taxa.index[taxa == ""]]
-    for taxon in taxa[taxa.duplicated() & (taxa != "")].unique():
-        places = ", ".join(where(i) for i in taxa.index[taxa == taxon])
-        problems.append(f"taxon id {taxon!r} appears more than once ({places})")
-    not_lineage = taxa[(taxa != "") & ~taxa.map(schema.is_taxon)]
-    problems += [f"{where(i)}: taxon id {t!r} is not a lineage string (expected rank prefixes "
-                 "such as 'd__Bacteria;p__Firmicutes;...;g__Blautia'"
-                 + ("; filter unassigned reads out before collapsing" if "unassigned" in
-                    t.lower() else "") + "; see docs/data-format.md)"
-                 for i, t in not_lineage.items()]
-    if problems:
-        raise _error(path, problems)
-
-
-def _check_counts(path: Path, values: np.ndarray, taxa: Sequence[str], samples: Sequence[str],
-                  raw: np.ndarray | None, where: Callable[[int], str]) -> None:
-    """Counts must be finite and >= 0; name each bad cell by taxon and sample."""
-    bad = ~np.isfinite(values) | (values < 0)
-    total = int(bad.sum())
-    if not total:
-        return
-    problems = []
-    for row, col in np.argwhere(bad)[:MAX_LISTED]:
-        shown = raw[row, col] if raw is not None else values[row, col]
-        reason = "is negative" if np.isfinite(values[row, col]) else "is not a number"
-        problems.append(f"{where(row)}, taxon {taxa[row]!r}, sample {samples[col]!r}: "
-                        f"value {shown!r} {reason}")
-    raise _error(path, problems, total)
-
-
-def _parse_table_tsv(path: Path, raw: bytes) -> pd.DataFrame:
-    text = _decode(path, raw)
-    start = _table_header_line(path, text)
-    body_text = "\n".join(text.splitlines()[start:])
-    cells = _cells(path, body_text, first_line=start + 1, quoting=csv.QUOTE_NONE)
-    header = _header(path, cells.iloc[0].tolist(), "sample id", start + 1)
-    if "taxonomy" in (h.lower() for h in header[1:]):
-        raise CohortError(f"{path}: line {start + 1}: column 'taxonomy' found; row ids must be "
-                          "the lineage strings themselves (collapse to taxa or rename ASV ids "
-                          "to their lineage), not a separate taxonomy column")
-    body = cells.iloc[1:]
-    body = body[(body != "").any(axis=1) & ~body[0].str.startswith("#")]
-    if body.empty or len(header) < 2:
-        raise CohortError(f"{path}: the feature table has no taxa or no samples")
-    taxa = body[0]
-    _check_taxa(path, taxa, lambda line: f"line {line}, column {TABLE_HEADER!r}")
-    strings = body.iloc[:, 1:]
-    values = strings.apply(lambda col: pd.to_numeric(col, errors="coerce")).to_numpy("float64")
-    samples = header[1:]
-    _check_counts(path, values, taxa.tolist(), samples, strings.to_numpy(),
-                  lambda row: f"line {body.index[row]}")
-    return pd.DataFrame(values.T, index=pd.Index(samples, dtype=object, name=schema.SAMPLE_ID),
-                        columns=pd.Index(taxa.tolist(), dtype=object))
-
-
-def _parse_table_biom(path: Path) -> pd.DataFrame:
-    import biom  # imported lazily: only BIOM cohorts pay for h5py
-
-    try:
-        table = biom.load_table(str(path))
-    except Exception as exc:  # biom raises many types for a bad file; all mean "unreadable"
-        raise CohortError(f"{path}: not a readable BIOM file ({type(exc).__name__}: {exc})"
-                          ) from None
-    samples = [str(s) for s in table.ids(axis="sample")]
-    taxa = [str(t) for t in table.ids(axis="observation")]
-    if not samples or not taxa:
-        raise CohortError(f"{path}: the feature table has no taxa or no samples")
-    if len(set(samples)) != len(samples):
-        dup = pd.Series(samples)
-        raise CohortError(f"{path}: duplicate sample ids {_names(dup[dup.duplicated()])}")
-    _check_taxa(path, pd.Series(taxa), lambda i: f"observation {int(i) + 1}")
-    values = np.asarray(table.matrix_data.toarray(), dtype="float64")
-    _check_counts(path, values, taxa, samples, None, lambda row: f"observation {row + 1}")
-    return pd.DataFrame(values.T, index=pd.Index(samples, dtype=object, name=schema.SAMPLE_ID),
-                        columns=pd.Index(taxa, dtype=object))
-
-
-def _parse_table(path: Path, raw: bytes) -> pd.DataFrame:
-    if path.suffix.lower() == ".biom":
-        return _parse_table_biom(path)
-    return _parse_table_tsv(path, raw)
-
-
-def read_feature_table(path: Path) -> pd.DataFrame:
-    """feature-table.tsv or .biom (taxa x samples) -> samples x taxa float64 frame."""
-    path = Path(path)
-    return _parse_table(path, _read_bytes(path))
+    return _parse_metadata(path, files.read_bytes(path))[0]
 
 
 # --------------------------------------------------------------------------- cohort
@@ -430,30 +247,58 @@ def _match_samples(meta_path: Path, lines: pd.Series, table_path: Path, counts: 
         problems.append(f"samples in {meta_path.name} but not in {table_path.name}: {listed}")
     if len(only_table):
         problems.append(f"samples in {table_path.name} but not in {meta_path.name}: "
-                        f"{_names(only_table)}")
+                        f"{files.names(only_table)}")
     if problems:
-        raise _error(table_path, problems)
+        raise files.error(table_path, problems)
     return counts.loc[lines.index]
 
 
-def _drop_low_depth(table_path: Path, counts: pd.DataFrame, min_reads: int
+def _drop_low_depth(table_path: Path, profiles: Profiles, min_reads: int
                     ) -> tuple[pd.Index, tuple[tuple[str, str], ...]]:
-    """Zero-read samples are errors; shallow ones are dropped, but only for integer counts."""
-    depth = counts.sum(axis=1)
+    """Zero-read samples are errors; shallow ones are dropped, but only for integer counts
+    (a relative-abundance profile carries no read depth to judge)."""
+    depth = profiles.counts.sum(axis=1) + profiles.unassigned
     empty = depth.index[depth <= 0]
     if len(empty):
         raise CohortError(f"{table_path}: sample column(s) with zero total reads: "
-                          f"{_names(empty)}; remove these samples from both files")
-    values = counts.to_numpy()
-    if not np.all(values == np.floor(values)):
-        return counts.index, ()
+                          f"{files.names(empty)}; remove these samples from both files")
+    if profiles.abundance != "counts":
+        return depth.index, ()
     low = depth < min_reads
     dropped = tuple((str(s), f"{int(d)} reads, below min_reads={min_reads}")
                     for s, d in depth[low].items())
     if low.all():
         raise CohortError(f"{table_path}: every sample has fewer than min_reads={min_reads} "
-                          f"reads (largest: {int(depth.max())}); nothing left to train on")
-    return counts.index[~low], dropped
+                          f"reads (largest: {int(depth.max())}, median {int(depth.median())}); "
+                          f"{suggest_min_reads(depth)}")
+    return depth.index[~low], dropped
+
+
+def suggest_min_reads(depth: pd.Series) -> str:
+    """An option that keeps most of a shallow cohort: a 16S run of a few hundred reads per
+    sample is normal, and 1,000 is a shotgun default."""
+    keep_90 = int(np.floor(np.quantile(depth, 0.1)))
+    return (f"pass --min-reads {keep_90} to keep 90% of the samples "
+            f"(median depth {int(depth.median())} reads)")
+
+
+def depth_report(cohort: Cohort) -> list[str]:
+    """What the depth filter and the taxonomy set aside, for validate and train to print."""
+    lines = []
+    total = len(cohort.metadata) + len(cohort.dropped)
+    if cohort.dropped:
+        lines.append(f"{len(cohort.dropped)} of {total} samples dropped below "
+                     f"min_reads={cohort.min_reads}: "
+                     + ", ".join(f"{s} ({why.split(',')[0]})" for s, why in cohort.dropped[:5])
+                     + (" ..." if len(cohort.dropped) > 5 else ""))
+        if len(cohort.dropped) > total / 2:
+            lines.append(f"most of the cohort is below min_reads: {cohort.depth_hint}")
+    share = cohort.unassigned_share
+    if share is not None and share.gt(0).any():
+        lines.append(f"reads without a taxon (left out of the features): median "
+                     f"{100 * share.median():.1f}%, max {100 * share.max():.1f}% "
+                     f"(sample {share.idxmax()})")
+    return lines
 
 
 def load_cohort(directory: str | Path, *, min_reads: int = 1000) -> Cohort:
@@ -464,18 +309,19 @@ def load_cohort(directory: str | Path, *, min_reads: int = 1000) -> Cohort:
     if not directory.is_dir():
         raise CohortError(f"{directory}: cohort directory not found")
     meta_path = directory / METADATA_FILE
-    table_path = directory / TABLE_TSV
-    if not table_path.is_file() and (directory / TABLE_BIOM).is_file():
-        table_path = directory / TABLE_BIOM
-    if not table_path.is_file():
-        raise CohortError(f"{directory}: file not found: neither {TABLE_TSV} nor {TABLE_BIOM}")
-    meta_raw, table_raw = _read_bytes(meta_path), _read_bytes(table_path)
+    meta_raw = files.read_bytes(meta_path)
+    table_path, taxonomy_path = find_profiles(directory)
 
     metadata, lines = _parse_metadata(meta_path, meta_raw)
-    counts = _parse_table(table_path, table_raw)
-    counts = _match_samples(meta_path, lines, table_path, counts)
-    kept, dropped = _drop_low_depth(table_path, counts, min_reads)
+    profiles = read_profiles(table_path, taxonomy_path)
+    counts = _match_samples(meta_path, lines, table_path, profiles.counts)
+    profiles = replace(profiles, counts=counts, unassigned=profiles.unassigned.loc[counts.index])
+    kept, dropped = _drop_low_depth(table_path, profiles, min_reads)
+    depth = counts.sum(axis=1) + profiles.unassigned
     digest = hashlib.sha256(meta_raw)
-    digest.update(table_raw)
+    digest.update(profiles.raw)
     return Cohort(metadata=metadata.loc[kept], counts=counts.loc[kept], source=directory,
-                  fingerprint=digest.hexdigest(), dropped=dropped)
+                  fingerprint=digest.hexdigest(), dropped=dropped,
+                  unassigned_share=profiles.unassigned_share.loc[kept],
+                  abundance=profiles.abundance, profile_source=profiles.source,
+                  min_reads=min_reads, depth_hint=suggest_min_reads(depth))

@@ -12,9 +12,7 @@ lineage string. Any taxa may appear: the first step aligns them to the training 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -28,9 +26,10 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from training import schema
 from training.schema import CLINICAL_FIELDS, RANKS, TREATMENT, Kind
+from training.taxonomy import lineage_at_rank, taxon_key
 
 TAXON_COLUMNS = make_column_selector(pattern=schema.TAXON_PATTERN.pattern)
-CLINICAL_COLUMNS = make_column_selector(pattern=r"^(?!\s*[dkpcofgst]__)")
+CLINICAL_COLUMNS = make_column_selector(pattern=r"^(?!\s*(?:[dkpcofgst]|D_\d)__)")
 
 def phases(months: pd.Series) -> dict[str, pd.Series]:
     """ITP phase by time since diagnosis (IWG): newly diagnosed < 3 months, persistent
@@ -60,27 +59,6 @@ def model_input(clinical: pd.DataFrame, counts: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([frame, counts.reindex(clinical.index).astype(float)], axis=1)
 
 
-@lru_cache(maxsize=65536)
-def lineage_at_rank(taxon: str, rank: str = "genus") -> str:
-    """Canonical lineage truncated at `rank`: `d__A;p__B;...;g__G`.
-
-    Accepts SILVA/GTDB (`;`) and MetaPhlAn (`|`, `k__` for the domain) spellings, so profiles
-    from either pipeline land on the same feature. Lineages that stop above `rank` keep their
-    deepest named level, which is how "unclassified Lachnospiraceae" stays its own feature.
-    """
-    depth = RANKS.index(rank)
-    parts = []
-    for part in re.split(r"[;|]", taxon):
-        prefix, _, name = part.strip().partition("__")
-        level = schema.RANK_PREFIXES.get(prefix.lower())
-        if level is None or level == "strain" or not name.strip():
-            continue
-        if RANKS.index(level) > depth:
-            break
-        parts.append(f"{'d' if level == 'domain' else prefix.lower()}__{name.strip()}")
-    return ";".join(parts)
-
-
 class TaxonomyAligner(TransformerMixin, BaseEstimator):
     """Aggregate taxon columns to one rank and align them to the training vocabulary.
 
@@ -98,17 +76,26 @@ class TaxonomyAligner(TransformerMixin, BaseEstimator):
         self.feature_names_in_ = np.asarray(X.columns, dtype=object)
         self.n_features_in_ = X.shape[1]
         self.clinical_columns_ = [c for c in X.columns if not schema.is_taxon(c)]
-        totals = self._aggregate(X).sum(axis=0)
-        self.vocabulary_ = sorted(totals.index[totals > 0])
-        if not self.vocabulary_:
+        taxa = [c for c in X.columns if schema.is_taxon(c)]
+        reads = pd.DataFrame({"key": [taxon_key(c, self.rank) for c in taxa],
+                              "name": [lineage_at_rank(c, self.rank) for c in taxa],
+                              "reads": X[taxa].sum(axis=0).to_numpy(dtype=float)})
+        reads = reads[(reads["key"] != "") & (reads["reads"] > 0)]
+        if reads.empty:
             raise ValueError("no taxon with any reads: the feature table is empty")
+        # One feature per key, named by the lineage that carried most of its reads.
+        names = (reads.groupby(["key", "name"])["reads"].sum().sort_values(ascending=False)
+                 .reset_index().drop_duplicates("key").set_index("key")["name"])
+        self.keys_ = names.sort_values().to_dict()
+        self.vocabulary_ = sorted(self.keys_.values())
         return self
 
     def _aggregate(self, X: pd.DataFrame) -> pd.DataFrame:
+        """Reads summed per taxon key, columns named by the fitted vocabulary where known."""
         taxa = [c for c in X.columns if schema.is_taxon(c)]
-        names = [lineage_at_rank(c, self.rank) for c in taxa]
+        keys = [taxon_key(c, self.rank) for c in taxa]
         values = X[taxa].to_numpy(dtype=float)
-        codes, uniques = pd.factorize(pd.Index(names))
+        codes, uniques = pd.factorize(pd.Index(keys))
         summed = np.zeros((len(X), len(uniques)))
         np.add.at(summed.T, codes, values.T)
         return pd.DataFrame(summed, index=X.index, columns=uniques)
@@ -118,7 +105,8 @@ class TaxonomyAligner(TransformerMixin, BaseEstimator):
         missing = [c for c in self.clinical_columns_ if c not in X.columns]
         if missing:
             raise ValueError(f"input lacks columns the model was trained with: {missing}")
-        taxa = self._aggregate(X).reindex(columns=self.vocabulary_, fill_value=0.0)
+        taxa = (self._aggregate(X).reindex(columns=list(self.keys_), fill_value=0.0)
+                .set_axis(list(self.keys_.values()), axis=1)[self.vocabulary_])
         return pd.concat([X[self.clinical_columns_], taxa], axis=1)
 
     def unknown_taxa(self, counts: Mapping[str, float]) -> dict[str, float]:
@@ -131,13 +119,20 @@ class TaxonomyAligner(TransformerMixin, BaseEstimator):
         total = sum(counts.values())
         if total <= 0:
             return {}
-        known = set(self.vocabulary_)
         shares: dict[str, float] = {}
         for taxon, reads in counts.items():
-            name = lineage_at_rank(taxon, self.rank)
-            if reads > 0 and name not in known:
+            if reads > 0 and taxon_key(taxon, self.rank) not in self.keys_:
+                name = lineage_at_rank(taxon, self.rank) or taxon
                 shares[name] = shares.get(name, 0.0) + reads / total
         return shares
+
+    def matched_share(self, X: pd.DataFrame) -> pd.Series:
+        """Share of each sample's reads that land on a model feature (1.0: all matched)."""
+        check_is_fitted(self, "vocabulary_")
+        summed = self._aggregate(X)
+        total = summed.sum(axis=1)
+        known = summed.reindex(columns=list(self.keys_), fill_value=0.0).sum(axis=1)
+        return (known / total.where(total > 0)).rename("taxa_matched")
 
     def get_feature_names_out(self, input_features: object = None) -> np.ndarray:
         check_is_fitted(self, "vocabulary_")

@@ -123,13 +123,14 @@ CLINICAL_BY_NAME: dict[str, Field] = {f.name: f for f in CLINICAL_FIELDS}
 FIELDS_BY_NAME: dict[str, Field] = {f.name: f for f in CLINICAL_FIELDS + OUTCOME_FIELDS}
 
 # Taxon ids are lineage strings whose parts carry rank prefixes: SILVA/GTDB (`d__Bacteria;
-# p__Firmicutes;...`) or MetaPhlAn (`k__Bacteria|p__Firmicutes|...`).
+# p__Firmicutes;...`), SILVA 132 (`D_0__Bacteria;D_1__Firmicutes;...`) or MetaPhlAn
+# (`k__Bacteria|p__Firmicutes|...`); training.taxonomy harmonises their spellings.
 RANKS: tuple[str, ...] = ("domain", "phylum", "class", "order", "family", "genus", "species")
 RANK_PREFIXES: dict[str, str] = {
     "d": "domain", "k": "domain", "p": "phylum", "c": "class", "o": "order",
     "f": "family", "g": "genus", "s": "species", "t": "strain",
 }
-TAXON_PATTERN = re.compile(r"^\s*[dkpcofgst]__")
+TAXON_PATTERN = re.compile(r"^\s*(?:[dkpcofgst]|D_\d)__")  # D_n__: SILVA 132 levels
 
 
 def is_taxon(column: str) -> bool:
