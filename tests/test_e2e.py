@@ -102,6 +102,63 @@ def test_logged_model_has_signature_and_loads_as_pyfunc_returning_probabilities(
     assert np.all((probabilities >= 0) & (probabilities <= 1))
 
 
+def test_every_registered_version_carries_its_model_card_and_its_dataset(
+        trained: Trained, tmp_path: Path) -> None:
+    """TRIPOD+AI card as run artifacts (Markdown, HTML) and as the version's description;
+    the cohort logged as the run's training dataset with its fingerprint; reviewer tags."""
+    client = MlflowClient(trained.tracking_uri)
+    run = client.get_run(trained.result["run_id"])
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"model_card.md", "model_card.html"} <= artifacts
+    version = client.get_model_version(MODEL, trained.result["registered_version"])
+    card = version.description
+    for section in ("Research use only", "## Intended use", "## Outcome", "Microbiome data",
+                    "events per candidate parameter", "Calibration slope",
+                    "Microbiome added value", "Net benefit", "Subgroups", "## Limitations"):
+        assert section in card, section
+    auroc = run.data.metrics["cv_auroc_mean"]
+    assert f"AUROC {auroc:.3f}" in card
+    assert "Research use only" in client.get_registered_model(MODEL).description
+    html = Path(client.download_artifacts(run.info.run_id, "model_card.html", str(tmp_path)))
+    assert "<table>" in html.read_text() and "<h1>" in html.read_text()
+    inputs = run.inputs.dataset_inputs
+    assert len(inputs) == 1
+    assert inputs[0].dataset.digest == load_cohort(trained.data).fingerprint[:20]
+    assert {t.key: t.value for t in inputs[0].tags}["mlflow.data.context"] == "training"
+    assert run.data.tags["definition"] == "iwg"
+    assert set(run.data.tags["treatments"].split(",")) >= {"corticosteroid", "ivig"}
+
+
+def test_external_validation_on_an_independent_draw_is_logged_beside_the_version(
+        trained: Trained) -> None:
+    """`itp-train evaluate` on a cohort the model never saw: discrimination and calibration
+    with CIs, subgroups, taxa match rate; an evaluation run linked to the model version."""
+    run_cli("simulate", "--n-patients", "200", "--seed", "107", "--out", "data/external",
+            cwd=trained.workdir, env=trained.env())
+    completed = run_cli("evaluate", "--model", f"models:/{MODEL}@champion", "--data",
+                        "data/external", "--bootstrap", "200", cwd=trained.workdir,
+                        env=trained.env())
+    result = json.loads(completed.stdout)
+    summary = result["summary"]
+    assert 0.6 < summary["auroc_mean"] < 0.9
+    assert summary["calibration_slope_ci_low"] < summary["calibration_slope_mean"] < \
+        summary["calibration_slope_ci_high"]
+    assert "calibration_in_the_large_ci_low" in summary
+    assert result["taxa_matched"]["median"] > 0.95  # same simulator: same taxonomy
+    variables = {row["variable"] for row in result["subgroups"]}
+    assert variables == {"treatment", "sex", "age_band"}
+    client = MlflowClient(trained.tracking_uri)
+    run = client.get_run(result["run_id"])
+    version = client.get_model_version(MODEL, trained.result["registered_version"])
+    assert run.data.tags["registered_version"] == str(version.version)
+    assert run.data.metrics["external_auroc_mean"] == pytest.approx(summary["auroc_mean"])
+    assert {t.key: t.value for t in run.inputs.dataset_inputs[0].tags}[
+        "mlflow.data.context"] == "evaluation"
+    logged = client.get_logged_model(registry.logged_model_id(version))
+    linked = {m.key: m.value for m in logged.metrics or []}
+    assert linked["external_auroc_mean"] == pytest.approx(summary["auroc_mean"])
+
+
 def test_validate_and_export_commands_of_the_readme(trained: Trained, tmp_path: Path) -> None:
     checked = run_cli("validate", "--data", str(trained.data), cwd=trained.workdir)
     assert "valid." in checked.stdout

@@ -216,6 +216,41 @@ def export(model_uri: str, out: Path, tracking_uri: str) -> None:
     click.echo(f"exported {model_uri} to {_or_exit(lambda: export_bundle(model_uri, out))}")
 
 
+@main.command()
+@click.option("--model", "model_uri", default="models:/itp-response@champion", show_default=True,
+              help="Registered model (models:/<name>@<alias> or /<version>) or a bundle.")
+@click.option("--data", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              required=True, help="An independent cohort directory (docs/data-format.md).")
+@click.option("--definition", type=click.Choice(DEFINITIONS), default=None,
+              help="Response definition (default: the one the model was trained on).")
+@click.option("--experiment", default="itp-response-validation", show_default=True)
+@click.option("--min-reads", type=click.IntRange(min=0), default=1000, show_default=True)
+@click.option("--bootstrap", type=click.IntRange(min=100), default=1000, show_default=True,
+              help="Patient-level bootstrap resamples for the 95% CIs.")
+@click.option("--seed", type=int, default=7, show_default=True)
+@tracking_option
+def evaluate(model_uri: str, data: Path, definition: str | None, experiment: str,
+             min_reads: int, bootstrap: int, seed: int, tracking_uri: str) -> None:
+    """Validate a registered model on a cohort it never saw (docs/evaluation.md)."""
+    import json
+    from dataclasses import asdict
+
+    from training.external import evaluate_external
+
+    _tracking(tracking_uri)
+    result = _or_exit(lambda: evaluate_external(
+        model_uri, data, definition=definition, min_reads=min_reads, n_bootstrap=bootstrap,
+        seed=seed, experiment=experiment))
+    s = result.summary
+    click.echo(f"{model_uri} on {data}: AUROC {s['auroc_mean']:.3f} "
+               f"({s['auroc_ci_low']:.3f}-{s['auroc_ci_high']:.3f}), calibration slope "
+               f"{s['calibration_slope_mean']:.2f}, in-the-large "
+               f"{s['calibration_in_the_large_mean']:+.2f}; reads on known taxa "
+               f"{100 * result.taxa_matched['median']:.0f}% (median)", err=True)
+    payload = asdict(result) | {"subgroups": result.subgroups.to_dict(orient="records")}
+    click.echo(json.dumps(payload, indent=2, default=str))
+
+
 def _windows(options: tuple[str, ...]) -> dict[str, tuple[int, int]] | None:
     """TREATMENT=LO-HI options -> the default windows with those treatments replaced."""
     from training.outcomes import DEFAULT_WINDOWS

@@ -157,19 +157,28 @@ def download(model_uri: str, destination: Path) -> Path:
                                                     dst_path=str(destination)))
 
 
-def register(model_uri: str, name: str, alias: str | None, sha256: str) -> ModelVersion:
-    """Create a registry version tagged with its digest, then point the alias at it.
+def register(model_uri: str, name: str, alias: str | None, sha256: str,
+             description: str | None = None, model_description: str | None = None
+             ) -> ModelVersion:
+    """Create a registry version tagged with its digest and described by its model card,
+    then point the alias at it.
 
-    Runs last in training, so an earlier failure registers nothing; if the alias cannot be
-    set, the new version is removed again rather than left half-published.
+    Runs last in training, so an earlier failure registers nothing; if the description or
+    the alias cannot be set, the new version is removed again rather than left
+    half-published.
     """
     version = mlflow.register_model(model_uri, name, tags={DIGEST_TAG: sha256})
-    if alias:
-        try:
-            MlflowClient().set_registered_model_alias(name, alias, version.version)
-        except Exception:
-            MlflowClient().delete_model_version(name, version.version)
-            raise
+    client = MlflowClient()
+    try:
+        if description:
+            client.update_model_version(name, version.version, description=description)
+        if model_description:
+            client.update_registered_model(name, description=model_description)
+        if alias:
+            client.set_registered_model_alias(name, alias, version.version)
+    except Exception:
+        client.delete_model_version(name, version.version)
+        raise
     return version
 
 
@@ -185,6 +194,15 @@ def resolve_version(model_uri: str) -> ModelVersion:
         raise ValueError(f"model URI must be models:/<name>@<alias> or models:/<name>/<n>, "
                          f"got {model_uri!r}")
     return client.get_model_version(name, version)
+
+
+def logged_model_id(version: ModelVersion) -> str | None:
+    """The MLflow 3 logged model behind a registry version (its `source` is models:/m-...
+    when `model_id` is not filled in, as with the SQL store)."""
+    if getattr(version, "model_id", None):
+        return version.model_id
+    source = str(version.source or "")
+    return source.removeprefix("models:/") if source.startswith("models:/m-") else None
 
 
 def export_bundle(model_uri: str, out: Path) -> Path:

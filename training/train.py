@@ -23,7 +23,8 @@ import numpy as np
 import pandas as pd
 
 from training import plots, registry
-from training.cohort import Cohort, load_cohort
+from training.card import CardInputs, card_html, card_summary, model_card
+from training.cohort import Cohort, depth_report, load_cohort
 from training.confounders import confounder_report, confounder_warnings
 from training.evaluation import (
     CHAMPION,
@@ -41,6 +42,11 @@ from training.schema import SUBJECT_ID
 from training.tuning import ModelSearch
 
 log = logging.getLogger(__name__)
+
+MODEL_DESCRIPTION = (
+    "Probability of response ({target}, {definition} criteria) of an adult with primary ITP "
+    "to a treatment episode, from the gut microbiome and clinical and immune data. Each "
+    "version's description is its model card (TRIPOD+AI, STORMS). Research use only.")
 
 # Outer repeats, inner folds and permutations of each preset (docs/evaluation.md).
 PRESET_SETTINGS: dict[str, dict[str, int]] = {
@@ -120,8 +126,12 @@ def train(config: TrainConfig) -> TrainResult:
         log.warning("%d episodes excluded from training (cannot show a response under %s): "
                     "%s", len(outcomes.excluded), config.definition,
                     outcomes.excluded["reason"].value_counts().head(3).to_dict())
-    log.info("cohort %s: %d episodes, %d patients, %d responders, %d taxa",
-             cohort.source, len(y), len(np.unique(groups)), y.sum(), cohort.counts.shape[1])
+    for line in depth_report(cohort):
+        log.warning("%s", line)
+    log.info("cohort %s: %d episodes, %d patients, %d responders, %d taxa (%d samples dropped "
+             "below min_reads, %d episodes excluded)", cohort.source, len(y),
+             len(np.unique(groups)), y.sum(), cohort.counts.shape[1], len(cohort.dropped),
+             len(outcomes.excluded))
     search = ModelSearch(families=config.families, features=config.features,
                          preset=config.preset, inner_splits=config.inner_splits,
                          seed=config.cv.seed, threshold=config.threshold, ranks=config.ranks)
@@ -131,6 +141,7 @@ def train(config: TrainConfig) -> TrainResult:
     mlflow.set_experiment(config.experiment)
     with mlflow.start_run(run_name=f"train-{config.definition}-{config.target}") as run:
         _log_setup(config, cohort, responses, y, groups)
+        _log_dataset(config, cohort, X, y, metadata)
         mlflow.log_params({"n_excluded_episodes": len(outcomes.excluded),
                            "n_unchecked_followup_day": outcomes.unchecked_window})
         if len(outcomes.excluded):
@@ -170,11 +181,12 @@ def train(config: TrainConfig) -> TrainResult:
                             "decision_threshold": model.threshold_})
         mlflow.log_table(final.results_.assign(params=final.results_["params"].map(json.dumps)),
                          "inner_search.json")
-        schema = feature_schema(model)
+        schema = feature_schema(model) | {"abundance": cohort.abundance,
+                                          "profile_source": cohort.profile_source}
         mlflow.log_dict(schema, "feature_schema.json")
         explanation = ShapExplainer(model).explain(X)
         _log_figure(plots.shap_summary_figure(explanation), "shap_summary.png")
-        metadata = {
+        model_info = {
             "candidate": f"{chosen['family']} ({chosen['feature_set']})",
             "chosen": chosen,
             "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -191,13 +203,26 @@ def train(config: TrainConfig) -> TrainResult:
             "warnings": warnings,
             "feature_schema": schema,
         }
-        info = registry.log_model(model, X, metadata)
+        info = registry.log_model(model, X, model_info)
         with tempfile.TemporaryDirectory() as tmp:
             sha256 = registry.digest(registry.download(info.model_uri, Path(tmp)))
         mlflow.set_tag("model_sha256", sha256)
+        card = model_card(CardInputs(
+            name=config.register or config.experiment, run_id=run.info.run_id,
+            trained_at=model_info["trained_at"], definition=config.definition,
+            target=config.target, preset=config.preset, windows=config.windows, cohort=cohort,
+            outcomes=outcomes, metadata=metadata, y=y, nested=nested, chosen=chosen,
+            model=model, feature_schema=schema, warnings=warnings, permuted_auroc=permuted,
+            min_reads=config.min_reads))
+        mlflow.log_text(card, "model_card.md")
+        mlflow.log_text(card_html(card, f"Model card: {config.register}"), "model_card.html")
         version = None
         if config.register:
-            version = registry.register(info.model_uri, config.register, config.alias, sha256)
+            version = registry.register(
+                info.model_uri, config.register, config.alias, sha256,
+                description=card_summary(card, f"runs:/{run.info.run_id}/model_card.md"),
+                model_description=MODEL_DESCRIPTION.format(definition=config.definition,
+                                                           target=config.target))
             mlflow.set_tag("registered_version", f"{config.register}/{version.version}")
             log.info("registered %s version %s%s", config.register, version.version,
                      f" as @{config.alias}" if config.alias else "")
@@ -264,6 +289,30 @@ def _log_setup(
                      "by_treatment": by_treatment.to_dict(orient="index"),
                      "dropped_samples": [list(d) for d in cohort.dropped]},
                     "cohort_summary.json")
+
+
+def _log_dataset(config: TrainConfig, cohort: Cohort, X: pd.DataFrame, y: np.ndarray,
+                 metadata: pd.DataFrame) -> None:
+    """The cohort as the run's training dataset (schema, digest, source: not the rows), and
+    the tags a reviewer filters runs on."""
+    dataset = mlflow.data.from_pandas(
+        X.assign(**{config.target: y}), source=str(Path(config.data).resolve()),
+        targets=config.target, name=Path(config.data).name, digest=cohort.fingerprint[:20])
+    mlflow.log_input(dataset, context="training")
+    treatments = sorted(metadata["treatment"].unique())
+    mlflow.set_tags({
+        "definition": config.definition, "target": config.target,
+        "treatments": ",".join(treatments), "n_episodes": str(len(y)),
+        "n_patients": str(metadata[SUBJECT_ID].nunique()), "preset": config.preset,
+        "profile_source": cohort.profile_source, "abundance": cohort.abundance,
+        "mlflow.note.content": (
+            f"Nested CV of the `{config.preset}` model search on `{Path(config.data).name}` "
+            f"({len(y)} episodes, {metadata[SUBJECT_ID].nunique()} patients; "
+            f"{', '.join(treatments)}); outcome `{config.target}` by `{config.definition}`. "
+            "Nested runs: the best model per feature set and per family on the same outer "
+            "folds. Artifacts: model card, comparison table, ROC/PR/calibration/decision "
+            "curves, SHAP summary and stability."),
+    })
 
 
 def comparison_table(nested: NestedResult) -> pd.DataFrame:
