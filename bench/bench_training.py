@@ -1,13 +1,16 @@
-"""Benchmark `itp-train train` as `make run` calls it: wall time, stages and peak memory.
+"""Benchmark `itp-train train` as `make run` calls it: wall time, stages and peak memory,
+and how they grow with patients and with taxa.
 
-Defaults are the `make run` settings (preset fast: nested CV 5 x 1 outer, 3 inner folds,
-5 permutations, 1000 patient-bootstrap resamples, register + export) on simulated cohorts
-of 400 (the demo) and 1000 patients. The stage split comes from when the CLI's log lines
-arrive; peak RSS is sampled over the whole process tree, so parallel workers (--jobs 2) are
-counted too.
+Defaults are the `make run` settings (preset fast, 5 outer folds, 5 permutations, 1000
+patient-bootstrap resamples, register + export, --jobs 2) on simulated cohorts from 100 to
+2,000 patients (at the simulator's ~290 species), then 200 to 2,000 taxa (at 400 patients;
+taxa beyond the simulator's catalogue are sparse noise species). The stage split comes from
+when the CLI's log lines arrive; peak RSS is sampled over the whole process tree, so
+parallel workers are counted too. Each row's time is also given as a ratio to the first
+row of its axis, measured in the same run.
 
-    .venv/bin/python bench/bench_training.py                  # 400 and 1000 patients, --jobs 1
-    .venv/bin/python bench/bench_training.py --jobs 1,2       # also compare --jobs 2
+    .venv/bin/python bench/bench_training.py                       # both axes
+    .venv/bin/python bench/bench_training.py --sizes 400 --taxa "" --jobs 1,2
 """
 
 from __future__ import annotations
@@ -21,10 +24,12 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import pairwise
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 from environment import environment
 
 BIN = Path(sys.executable).parent
@@ -63,6 +68,8 @@ def tree_rss(root: int) -> int:
 class Run:
     patients: int
     jobs: int
+    taxa: int = 0
+    axis: str = "patients"  # which axis of the benchmark grid the run belongs to
     wall: float = 0.0
     peak_tree: int = 0
     peak_process: int = 0  # largest single process (ru_maxrss of the reaped tree)
@@ -91,13 +98,14 @@ def train(data: Path, patients: int, jobs: int, args: argparse.Namespace, workdi
           ) -> Run:
     """One `itp-train train` in a fresh SQLite store, sampled every 0.2 s until it exits."""
     run = Run(patients=patients, jobs=jobs)
-    tag = f"{patients}-j{jobs}"
+    tag = f"{patients}-{data.name}-j{jobs}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / f'mlflow-{tag}.db'}",
            "MPLCONFIGDIR": str(workdir / "mpl")}
     command = [str(BIN / "itp-train"), "train", "--data", str(data), "--experiment", MODEL,
                "--register", MODEL, "--alias", "champion", "--preset", args.preset,
                "--splits", str(args.splits),
                "--bootstrap", str(args.bootstrap), "--seed", str(args.seed),
+               "--permutations", str(args.permutations),
                "--jobs", str(jobs), "--export", str(workdir / f"models-{tag}" / MODEL)]
     started = time.perf_counter()
     process = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE,
@@ -138,10 +146,29 @@ def train(data: Path, patients: int, jobs: int, args: argparse.Namespace, workdi
     return run
 
 
+def with_taxa(table: pd.DataFrame, n_taxa: int, seed: int) -> pd.DataFrame:
+    """The feature table cut or padded to `n_taxa` rows: padding adds sparse noise species
+    (30% prevalence, a few reads each), the long tail a real 16S or shotgun table has."""
+    if n_taxa <= len(table):
+        return table.loc[table.sum(axis=1).sort_values(ascending=False).index[:n_taxa]]
+    rng = np.random.default_rng(seed)
+    extra = n_taxa - len(table)
+    reads = rng.poisson(3.0, size=(extra, table.shape[1])) * (
+        rng.random((extra, table.shape[1])) < 0.3)
+    names = [f"d__Bacteria;p__Firmicutes;c__Clostridia;o__Noise;f__Noise{i // 20};"
+             f"g__Noise{i // 4};s__Noise{i // 4}_sp{i % 4}" for i in range(extra)]
+    return pd.concat([table, pd.DataFrame(reads, index=names, columns=table.columns)])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="400,1000", help="cohort sizes (patients)")
-    parser.add_argument("--jobs", default="1", help="comma-separated --jobs values to compare")
+    parser.add_argument("--sizes", default="100,400,1000,2000",
+                        help="cohort sizes (patients), at the simulator's taxa")
+    parser.add_argument("--taxa", default="200,1000,2000",
+                        help="taxa counts, at --taxa-patients patients (empty: skip)")
+    parser.add_argument("--taxa-patients", type=int, default=400)
+    parser.add_argument("--jobs", default="2", help="comma-separated --jobs values to compare")
+    parser.add_argument("--permutations", type=int, default=5)
     parser.add_argument("--preset", default="fast")
     parser.add_argument("--splits", type=int, default=5)
     parser.add_argument("--bootstrap", type=int, default=1000)
@@ -157,12 +184,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="itp-bench-train-") as tmp:
         workdir = (args.workdir or Path(tmp)).resolve()
         workdir.mkdir(parents=True, exist_ok=True)
-        for size in (int(s) for s in args.sizes.split(",")):
-            data = workdir / f"cohort-{size}"
-            write_cohort(simulate(size, args.seed, SCENARIOS["default"]), data)
+        grid = [(int(s), 0, "patients") for s in args.sizes.split(",") if s]
+        grid += [(args.taxa_patients, int(t), "taxa") for t in args.taxa.split(",") if t]
+        for size, taxa, axis in grid:
+            cohort = simulate(size, args.seed, SCENARIOS["default"])
+            if taxa:
+                cohort = replace(cohort, feature_table=with_taxa(cohort.feature_table, taxa,
+                                                                 args.seed))
+            data = workdir / f"cohort-{size}-{taxa or 'sim'}"
+            write_cohort(cohort, data)
             for jobs in (int(j) for j in args.jobs.split(",")):
                 run = train(data, size, jobs, args, workdir)
-                print(f"{size} patients, --jobs {jobs}: {run.wall:.0f}s", file=sys.stderr)
+                run.taxa, run.axis = len(cohort.feature_table), axis
+                print(f"{size} patients, {run.taxa} taxa, --jobs {jobs}: {run.wall:.0f}s",
+                      file=sys.stderr)
                 runs.append(run)
 
     print(f"\nTraining benchmark: itp-train train --preset {args.preset}, {args.splits} outer "
@@ -170,17 +205,21 @@ def main() -> None:
     print(f"Environment: {environment(PACKAGES)}\n")
     stage_names = ["start-up + load", "nested CV", "permutation control",
                    "final search, SHAP, log, register, export"]
-    print("| patients | episodes | --jobs | wall | " + " | ".join(stage_names)
+    print("| axis | patients | episodes | taxa | --jobs | wall | time ratio to the axis's first | "
+          + " | ".join(stage_names)
           + " | peak RSS, tree | peak RSS, largest process | chosen (CV AUROC) |")
-    print("|---" * (len(stage_names) + 7) + "|")
+    print("|---" * (len(stage_names) + 10) + "|")
+    first: dict[tuple[str, int], Run] = {}
     for run in runs:
+        base = first.setdefault((run.axis, run.jobs), run)
         stages = " | ".join("?" if s is None else f"{s:.0f} s" for s in run.stages())
         picked = run.result["chosen"]
         summaries = run.result["summaries"]
         assert isinstance(summaries, dict) and isinstance(picked, dict)
         chosen = f"{picked['family']} ({picked['feature_set']})"
         auroc = summaries["champion"]["auroc_mean"]
-        print(f"| {run.patients} | {run.episodes()} | {run.jobs} | {run.wall:.0f} s | {stages} | "
+        print(f"| {run.axis} | {run.patients} | {run.episodes()} | {run.taxa} | {run.jobs} | "
+              f"{run.wall:.0f} s | {run.wall / base.wall:.2f} | {stages} | "
               f"{run.peak_tree / 2**20:.0f} MiB | {run.peak_process / 2**20:.0f} MiB | "
               f"{chosen} ({auroc:.3f}) |")
 

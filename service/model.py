@@ -86,14 +86,14 @@ class LoadedModel:
         predictions = []
         for i, patient in enumerate(patients):
             probability = float(explanation.probability[i])
+            unknown = aligner.unknown_taxa(patient.microbiome.counts)
             predictions.append(Prediction(
                 patient_id=patient.patient_id,
                 probability=probability,
                 label="responder" if probability >= threshold else "non-responder",
                 explanation=_top(explanation, i, top_k) if explain else None,
-                warnings=self._warnings(
-                    patient, aligner.unknown_taxa(patient.microbiome.counts)
-                ),
+                taxa_matched=max(0.0, 1.0 - sum(unknown.values())),
+                warnings=self._warnings(patient, unknown),
             ))
         return predictions
 
@@ -127,6 +127,13 @@ class LoadedModel:
                 message="not given, handled as missing: " + ", ".join(missing),
             ))
         total = sum(patient.microbiome.counts.values())
+        if self.schema.get("abundance") == "counts" and not _looks_like_counts(patient):
+            warnings.append(PredictionWarning(
+                code="abundance_kind",
+                message="the model was trained on read counts; this profile holds relative "
+                        "abundances (closed to proportions the same way, but a count profile "
+                        "is what the model saw)",
+            ))
         if total >= 1 and total < LOW_READS and _looks_like_counts(patient):
             warnings.append(PredictionWarning(
                 code="low_read_depth",

@@ -154,7 +154,8 @@ class Explanation(BaseModel):
 
 
 class PredictionWarning(BaseModel):
-    code: Literal["unknown_taxa", "outside_training_range", "missing_fields", "low_read_depth"]
+    code: Literal["unknown_taxa", "outside_training_range", "missing_fields", "low_read_depth",
+                  "abundance_kind"]
     message: str
 
 
@@ -164,6 +165,9 @@ class Prediction(BaseModel):
                                "(CR or R by the model's response definition).")
     label: Literal["responder", "non-responder"]
     explanation: Explanation | None = None
+    taxa_matched: float = Field(..., ge=0, le=1, description="Share of the profile's reads "
+                                "(or abundance) on taxa the model knows, after taxonomy "
+                                "harmonisation; the rest was not used.", examples=[0.97])
     warnings: list[PredictionWarning] = Field(default_factory=list)
 
 

@@ -269,20 +269,27 @@ def test_unknown_taxa_are_reported_with_their_share_of_reads(
     assert len(unknown) == 1
     assert "g__Notarealgenus" in unknown[0]["message"]
     assert "50.0%" in unknown[0]["message"]
+    assert response.json()["predictions"][0]["taxa_matched"] == pytest.approx(0.5)
 
 
-def test_metaphlan_spelling_of_a_known_genus_is_not_unknown(
-    bundle_server: Server, trained: Trained
+@pytest.mark.parametrize("spelling", [
+    "k__Bacteria|p__Firmicutes|c__Clostridia|o__Oscillospirales|f__Ruminococcaceae|"
+    "g__Faecalibacterium|s__Faecalibacterium_prausnitzii",  # MetaPhlAn
+    "d__Bacteria; p__Firmicutes_A; c__Clostridia; o__Oscillospirales; f__Ruminococcaceae; "
+    "g__Faecalibacterium; s__Faecalibacterium prausnitzii",  # GTDB
+    "D_0__Bacteria;D_1__Firmicutes;D_2__Clostridia;D_3__Clostridiales;D_4__Ruminococcaceae;"
+    "D_5__Faecalibacterium;D_6__Faecalibacterium prausnitzii",  # SILVA 132
+])
+def test_other_spellings_of_a_known_taxon_are_matched(
+    bundle_server: Server, trained: Trained, spelling: str
 ) -> None:
     patients, _ = patients_from_cohort(trained.data, 1)
-    patients[0]["microbiome"]["counts"] = {
-        "k__Bacteria|p__Firmicutes|c__Clostridia|o__Oscillospirales|f__Ruminococcaceae|"
-        "g__Faecalibacterium|s__Faecalibacterium_prausnitzii": 5000,
-    }
+    patients[0]["microbiome"]["counts"] = {spelling: 5000}
     response = predict(bundle_server, patients)
     assert response.status_code == 200, response.text
-    codes = [w["code"] for w in response.json()["predictions"][0]["warnings"]]
-    assert "unknown_taxa" not in codes
+    prediction = response.json()["predictions"][0]
+    assert "unknown_taxa" not in [w["code"] for w in prediction["warnings"]]
+    assert prediction["taxa_matched"] == 1.0
 
 
 def _bad(patient: dict[str, Any], path: str, value: Any) -> dict[str, Any]:

@@ -150,6 +150,9 @@ def validate(data: Path, min_reads: int, definition: str) -> None:
 @click.option("--missing-indicators", is_flag=True,
               help="Add missing-value indicators to the linear model; only for markers whose "
                    "missingness is informative (off by default).")
+@click.option("--dask-scheduler", default=None, metavar="ADDRESS",
+              help="Run the CV and tuning fits on a Dask cluster, e.g. tcp://host:8786 "
+                   "(workers need this package; pip install 'itp-response[dask]').")
 @click.option("--export", "export_to", type=click.Path(path_type=Path), default=None,
               help="Also write the registered model as a local bundle here.")
 @tracking_option
@@ -158,14 +161,17 @@ def train(
     preset: str, families: str | None, splits: int, repeats: int | None,
     inner_splits: int | None, permutations: int | None, threshold: str, bootstrap: int,
     seed: int, jobs: int, min_reads: int, ranks: tuple[str, ...], min_prevalence: float,
-    response_windows: tuple[str, ...], missing_indicators: bool, export_to: Path | None,
-    tracking_uri: str,
+    response_windows: tuple[str, ...], missing_indicators: bool, dask_scheduler: str | None,
+    export_to: Path | None, tracking_uri: str,
 ) -> None:
     """Nested CV of the model search, refit on all data, log and register the champion."""
+    from dataclasses import replace
+
+    from training.compute import dask_backend
     from training.evaluation import CVConfig
     from training.model import FeatureConfig
     from training.registry import export_bundle
-    from training.train import PRESET_SETTINGS, TrainConfig, summary_json
+    from training.train import PRESET_SETTINGS, TrainConfig, TrainResult, summary_json
     from training.train import train as run_training
 
     if export_to and not register:
@@ -195,7 +201,12 @@ def train(
         inner_splits=inner_splits, permutations=permutations, threshold=policy,
         windows=_windows(response_windows),
     )
-    result = _or_exit(lambda: run_training(config))
+    def on_cluster() -> TrainResult:
+        with dask_backend(dask_scheduler) as cluster_jobs:
+            cv = replace(config.cv, n_jobs=cluster_jobs) if cluster_jobs else config.cv
+            return run_training(replace(config, cv=cv))
+
+    result = _or_exit(on_cluster)
     if export_to:
         version = f"models:/{register}/{result.registered_version}"
         click.echo(f"exported {version} to {export_bundle(version, export_to)}", err=True)
@@ -273,10 +284,11 @@ def _or_exit(action: Callable[[], T]) -> T:
     from mlflow.exceptions import MlflowException
 
     from training.cohort import CohortError
+    from training.compute import ComputeError
 
     try:
         return action()
-    except (CohortError, ValueError, FileNotFoundError, MlflowException) as error:
+    except (CohortError, ValueError, FileNotFoundError, MlflowException, ComputeError) as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(2)
 

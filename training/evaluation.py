@@ -32,6 +32,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold
 
+from training.compute import single_threaded_fit
 from training.model import FEATURE_SETS
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,15 @@ class NestedResult:
 def _outer_fold(
     search: BaseEstimator, X: pd.DataFrame, y: np.ndarray, groups: np.ndarray,
     repeat: int, fold: int, train: np.ndarray, test: np.ndarray, regions: bool,
+    parallel: bool = False,
+) -> tuple[dict[str, np.ndarray], FoldRecord]:
+    with single_threaded_fit(parallel):
+        return _score_outer_fold(search, X, y, groups, repeat, fold, train, test, regions)
+
+
+def _score_outer_fold(
+    search: BaseEstimator, X: pd.DataFrame, y: np.ndarray, groups: np.ndarray,
+    repeat: int, fold: int, train: np.ndarray, test: np.ndarray, regions: bool,
 ) -> tuple[dict[str, np.ndarray], FoldRecord]:
     from training.explain import ShapExplainer
 
@@ -211,7 +221,7 @@ def nested_cross_validate(
     outputs = []
     jobs = Parallel(n_jobs=config.n_jobs, return_as="generator")(
         delayed(_outer_fold)(search, X, y, groups, r, k % config.n_splits, train, test,
-                             regions)
+                             regions, config.n_jobs != 1)
         for r, k, train, test in splits
     )
     for output in jobs:

@@ -1,0 +1,73 @@
+"""Scale-out: the nested CV runs on a Dask cluster (a LocalCluster here) with the same
+results as locally, and the CLI sends its fits there."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from training.cli import main
+from training.cohort import load_cohort
+from training.compute import dask_backend
+from training.evaluation import CVConfig, nested_cross_validate
+from training.features import model_input
+from training.outcomes import response_labels, target
+from training.simulate import SCENARIOS, simulate, write_cohort
+from training.tuning import ModelSearch
+
+distributed = pytest.importorskip("distributed")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> object:
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as local:
+        yield local
+
+
+@pytest.fixture(scope="module")
+def cohort_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("dask")
+    write_cohort(simulate(120, 5, SCENARIOS["default"]), directory)
+    return directory
+
+
+def test_nested_cv_on_a_dask_cluster_equals_the_local_run(cluster: object, cohort_dir: Path
+                                                          ) -> None:
+    loaded = load_cohort(cohort_dir)
+    X = model_input(loaded.metadata, loaded.counts)
+    y = target(response_labels(loaded.metadata)).to_numpy()
+    groups = loaded.groups.to_numpy()
+    search = ModelSearch(ranks=("genus",), seed=1)
+    config = CVConfig(n_splits=3, n_bootstrap=100, seed=1)
+    local = nested_cross_validate(search, X, y, groups, config, regions=False)
+    with dask_backend(cluster.scheduler_address) as n_jobs, \
+            distributed.get_task_stream() as tasks:
+        assert n_jobs == -1
+        remote = nested_cross_validate(search, X, y, groups, CVConfig(
+            n_splits=3, n_bootstrap=100, seed=1, n_jobs=n_jobs), regions=False)
+    assert len(tasks.data) >= 3  # the outer folds ran as tasks on the cluster
+    np.testing.assert_allclose(remote.champion.oof, local.champion.oof)
+
+
+def test_the_cli_trains_on_the_cluster(cluster: object, cohort_dir: Path, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, [
+        "train", "--data", str(cohort_dir), "--register", "", "--splits", "3",
+        "--permutations", "0", "--bootstrap", "100", "--rank", "genus",
+        "--dask-scheduler", cluster.scheduler_address,
+        "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    assert result.exit_code == 0, result.output
+    assert '"run_id"' in result.output
+
+
+def test_an_unreachable_scheduler_is_a_clear_error(cohort_dir: Path, tmp_path: Path) -> None:
+    from training.compute import ComputeError
+
+    with pytest.raises(ComputeError, match="cannot reach the Dask scheduler"), \
+            dask_backend("tcp://127.0.0.1:9"):
+        pass
