@@ -3,7 +3,8 @@
 The six MetAML disease tasks (Pasolli et al. 2016, ../shared/data/metaml, never copied into
 the repository). Every method is scored on the same repeated, subject-grouped outer folds:
 
-- ours: `ModelSearch` at its defaults (preset fast, genus rank), nested inside the folds;
+- ours: `ModelSearch` at its defaults (preset fast, genus or species chosen in inner CV),
+  nested inside the folds;
 - RF-500: MetAML's random forest (500 trees, sqrt features) on species relative abundances;
 - SIAMCAT-style L1: log10(abundance + 1e-5), standardised, L1 logistic regression with C
   tuned by grouped inner CV, on species.
@@ -116,7 +117,8 @@ def main() -> None:
     print(f"\nReal-data benchmark: MetAML tasks, {config.n_splits}x{args.repeats} grouped outer "
           "folds shared by all methods, AUROC (95% patient-bootstrap CI)\n")
     print(f"Environment: {environment(PACKAGES)}\n")
-    print("| task | n (pos) | ours (nested, genus) | RF-500 (species) | SIAMCAT-L1 (species) "
+    print("| task | n (pos) | ours (nested, default search) | RF-500 (species) "
+          "| SIAMCAT-L1 (species) "
           "| ours - better baseline |")
     print("|---|---|---|---|---|---|")
     margins = []
