@@ -89,9 +89,7 @@ def evaluate_external(model_uri: str, data: Path, *, definition: str | None = No
     version = stored.version
     with mlflow.start_run(run_name=f"evaluate-{stored.name}-v{version}-{Path(data).name}",
                           description=_description(stored, cohort, len(y))) as run:
-        dataset = mlflow.data.from_pandas(
-            X.assign(**{target_name: y}), source=str(Path(data).resolve()),
-            targets=target_name, name=Path(data).name, digest=cohort.fingerprint[:20])
+        dataset = registry.cohort_dataset(X, y, target_name, Path(data), cohort.fingerprint)
         mlflow.log_input(dataset, context="evaluation")
         mlflow.set_tags({"model_uri": model_uri, "registered_model": stored.name,
                          "registered_version": str(version), "model_sha256": stored.digest,

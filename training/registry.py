@@ -13,6 +13,7 @@ import hashlib
 import json
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,17 @@ def _signature(pipeline: ResponseModel, example: pd.DataFrame) -> Any:
         ]
     )
     return type(inferred)(inputs=inputs, outputs=inferred.outputs)
+
+
+def cohort_dataset(X: pd.DataFrame, y: np.ndarray, target: str, source: Path,
+                   fingerprint: str) -> Any:
+    """A cohort as an MLflow dataset: schema, profile and digest (the cohort fingerprint),
+    never the rows. The label is boolean so the schema has no integer column."""
+    with warnings.catch_warnings():  # MLflow registers its local source class twice
+        warnings.filterwarnings("ignore", "The specified dataset source", UserWarning)
+        return mlflow.data.from_pandas(
+            X.assign(**{target: np.asarray(y).astype(bool)}), source=str(Path(source).resolve()),
+            targets=target, name=Path(source).name, digest=fingerprint[:20])
 
 
 def log_model(pipeline: ResponseModel, X: pd.DataFrame, metadata: dict[str, Any]) -> Any:

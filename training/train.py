@@ -295,9 +295,7 @@ def _log_dataset(config: TrainConfig, cohort: Cohort, X: pd.DataFrame, y: np.nda
                  metadata: pd.DataFrame) -> None:
     """The cohort as the run's training dataset (schema, digest, source: not the rows), and
     the tags a reviewer filters runs on."""
-    dataset = mlflow.data.from_pandas(
-        X.assign(**{config.target: y}), source=str(Path(config.data).resolve()),
-        targets=config.target, name=Path(config.data).name, digest=cohort.fingerprint[:20])
+    dataset = registry.cohort_dataset(X, y, config.target, config.data, cohort.fingerprint)
     mlflow.log_input(dataset, context="training")
     treatments = sorted(metadata["treatment"].unique())
     mlflow.set_tags({
