@@ -16,6 +16,7 @@ from training.outcomes import (
     derive_outcomes,
     response_labels,
     target,
+    without_rare_treatments,
 )
 
 # (definition, followup, baseline, followup_bleeding, steroid_dependent, expected)
@@ -385,3 +386,24 @@ def test_derive_outcomes_keeps_the_source_rules() -> None:
         derive_outcomes(_episode(), "who")
     with pytest.raises(ValueError, match="followup_bleeding is missing for 1 sample\\(s\\): e1"):
         derive_outcomes(_episode(followup_bleeding=np.nan))
+
+
+def test_treatments_with_fewer_patients_than_folds_are_excluded_with_a_reason() -> None:
+    """A treatment that cannot sit in every training fold is set aside, not left to fail a
+    fold (or to be scored by a model that never saw it)."""
+    treatments = ["ivig"] * 6 + ["tpo_ra"] * 6 + ["splenectomy"] * 2
+    metadata = pd.DataFrame({
+        schema.SUBJECT_ID: [f"P{i}" for i in range(12)] + ["P20", "P20"],
+        schema.TREATMENT: treatments},
+        index=pd.Index([f"S{i}" for i in range(14)], name=schema.SAMPLE_ID))
+    outcomes = Outcomes(labels=pd.Series(["R", "NR"] * 7, index=metadata.index),
+                        excluded=pd.DataFrame({"reason": []}, index=pd.Index([], dtype=object)),
+                        unchecked_window=0)
+    kept = without_rare_treatments(outcomes, metadata, n_splits=5)
+    assert list(kept.labels.index) == [f"S{i}" for i in range(12)]
+    assert list(kept.excluded.index) == ["S12", "S13"]
+    assert "'splenectomy' has only 1 patient(s), fewer than the 5 that 5-fold CV needs" in \
+        kept.excluded.loc["S12", "reason"]
+    nested = without_rare_treatments(outcomes, metadata, n_splits=5, inner_splits=5)
+    assert len(nested.labels) == 0  # 6 patients < 7: 5 inner folds in 4/5 of them
+    assert without_rare_treatments(outcomes, metadata, n_splits=1) is outcomes

@@ -11,7 +11,7 @@ with a reason rather than labelled, since either label would be noise.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -334,6 +334,32 @@ def derive_outcomes(metadata: pd.DataFrame, definition: str = "iwg",
                               index=metadata.index[excluded], dtype=object),
         unchecked_window=int((unchecked & ~excluded).sum()),
     )
+
+
+def without_rare_treatments(outcomes: Outcomes, metadata: pd.DataFrame, n_splits: int,
+                            inner_splits: int = 0) -> Outcomes:
+    """Episodes of treatments with too few patients for (nested) CV, moved to the excluded.
+
+    Such a treatment cannot be in every training fold, so a fold would be scored on a
+    treatment its model never saw, and a handful of patients cannot teach its response.
+    The bound is `evaluation.check_cohort_size`'s: every outer and inner fold.
+    """
+    treatment = metadata.loc[outcomes.labels.index, schema.TREATMENT]
+    patients = metadata.loc[outcomes.labels.index].groupby(treatment)[schema.SUBJECT_ID].nunique()
+    need = n_splits
+    if inner_splits:
+        need = max(need, -(-inner_splits * n_splits // (n_splits - 1)))
+    rare = patients[patients < need]
+    if rare.empty:
+        return outcomes
+    mask = treatment.isin(rare.index)
+    reasons = pd.DataFrame({REASON: [
+        f"treatment {t!r} has only {rare[t]} patient(s), fewer than the {need} that "
+        f"{n_splits}-fold CV needs: too few to learn or to validate its response"
+        for t in treatment[mask]]},
+        index=treatment.index[mask])
+    return replace(outcomes, labels=outcomes.labels[~mask],
+                   excluded=pd.concat([outcomes.excluded, reasons]))
 
 
 def target(responses: pd.Series, target: str = "responded") -> pd.Series:

@@ -37,7 +37,7 @@ from training.evaluation import (
 from training.explain import ShapExplainer
 from training.features import feature_schema, model_input
 from training.model import DEFAULT_FAMILIES, FAMILIES, PRESETS, FeatureConfig
-from training.outcomes import derive_outcomes, target
+from training.outcomes import derive_outcomes, target, without_rare_treatments
 from training.schema import SUBJECT_ID
 from training.tuning import ModelSearch
 
@@ -116,15 +116,17 @@ class TrainResult:
 def train(config: TrainConfig) -> TrainResult:
     config = config.resolved()
     cohort = load_cohort(config.data, min_reads=config.min_reads)
-    outcomes = derive_outcomes(cohort.metadata, config.definition, config.windows)
+    outcomes = without_rare_treatments(
+        derive_outcomes(cohort.metadata, config.definition, config.windows), cohort.metadata,
+        config.cv.n_splits, config.inner_splits or 0)
     metadata = cohort.metadata.loc[outcomes.labels.index]
     responses = outcomes.labels
     y = target(responses, config.target).to_numpy()
     X = model_input(metadata, cohort.counts)
     groups = metadata[SUBJECT_ID].to_numpy()
     if len(outcomes.excluded):
-        log.warning("%d episodes excluded from training (cannot show a response under %s): "
-                    "%s", len(outcomes.excluded), config.definition,
+        log.warning("%d episodes excluded from training (excluded_episodes.json): %s",
+                    len(outcomes.excluded),
                     outcomes.excluded["reason"].value_counts().head(3).to_dict())
     for line in depth_report(cohort):
         log.warning("%s", line)
