@@ -20,7 +20,8 @@ from training.tuning import ResponseModel
 
 PARAMS = {"linear": {"design__interactions": 1.0, "design__microbiome": 1.0,
                      "model__alpha": 0.005},
-          "xgboost": {"model__n_estimators": 60}}
+          "xgboost": {"model__n_estimators": 60},
+          "random_forest": {"model__n_estimators": 60}}
 
 
 @pytest.fixture(scope="module")

@@ -117,7 +117,8 @@ def validate(data: Path, min_reads: int, definition: str) -> None:
 @click.option("--target", type=click.Choice(TARGETS), default="responded", show_default=True)
 @click.option("--preset", type=click.Choice(PRESETS), default="fast", show_default=True,
               help="fast: linear family, 5x1 outer x 3 inner folds, 5 permutations; thorough: "
-                   "linear + xgboost, 5x3 outer x 5 inner folds, 10 permutations.")
+                   "linear + xgboost + random forest, 5x3 outer x 5 inner folds, 10 "
+                   "permutations.")
 @click.option("--families", default=None,
               help="Comma-separated model families to search (default: the preset's); "
                    f"from {', '.join(FAMILIES)}.")

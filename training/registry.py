@@ -53,6 +53,7 @@ TRUSTED_TYPES: list[str] = [
     "sklearn.compose._column_transformer.make_column_selector",
     "xgboost.core.Booster",
     "xgboost.sklearn.XGBClassifier",
+    "xgboost.sklearn.XGBRFClassifier",
     "numpy.dtype",
 ]
 
