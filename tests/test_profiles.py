@@ -25,6 +25,7 @@ from training.cli import main
 from training.cohort import CohortError, depth_report, load_cohort
 from training.features import model_input
 from training.outcomes import response_labels, target
+from training.profiles import read_profiles
 from training.simulate import SCENARIOS, simulate, write_cohort
 from training.taxonomy import taxon_key
 from training.tuning import ModelSearch
@@ -207,3 +208,42 @@ def test_a_shallow_16s_cohort_is_reported_with_the_option_that_keeps_it(
     assert result.exit_code == 0, result.output
     assert f"{n - 10} of {n} samples dropped" in result.output
     assert "--min-reads" in result.output
+
+
+def test_metaphlan_keeps_only_the_deepest_clades(tmp_path: Path) -> None:
+    """A genus row carrying more than its species (reads placed at genus only) is still a
+    total: counting it as well would count those species twice."""
+    path = tmp_path / "feature-table.tsv"
+    path.write_text(
+        "#mpa_vJan21_CHOCOPhlAnSGB_202103\nclade_name\ts1\ts2\n"
+        "UNKNOWN\t10\t20\n"
+        "k__Bacteria\t90\t80\n"
+        "k__Bacteria|g__Blautia\t60\t50\n"
+        "k__Bacteria|g__Blautia|s__Blautia_obeum\t30\t20\n"
+        "k__Bacteria|g__Blautia|s__Blautia_wexlerae\t20\t20\n"
+        "k__Bacteria|g__Bacteroides\t30\t30\n")
+    profiles = read_profiles(path)
+    assert profiles.rollups == 2
+    assert list(profiles.counts.columns) == ["k__Bacteria|g__Blautia|s__Blautia_obeum",
+                                             "k__Bacteria|g__Blautia|s__Blautia_wexlerae",
+                                             "k__Bacteria|g__Bacteroides"]
+    np.testing.assert_allclose(profiles.counts.sum(axis=1), [80, 70])
+    np.testing.assert_allclose(profiles.unassigned, [10, 20])
+
+
+def test_asv_reads_joined_to_their_taxonomy_are_never_taken_for_totals(tmp_path: Path
+                                                                        ) -> None:
+    """An ASV classified to a genus whose reads happen to equal those of ASVs classified to
+    its species is a read of its own, not a rank total."""
+    (tmp_path / "feature-table.tsv").write_text(
+        "#OTU ID\ts1\ts2\nasv1\t5\t7\nasv2\t3\t4\nasv3\t2\t3\nasv4\t9\t0\n")
+    (tmp_path / "taxonomy.tsv").write_text(
+        "Feature ID\tTaxon\tConfidence\n"
+        "asv1\td__Bacteria;g__Blautia\t0.9\n"
+        "asv2\td__Bacteria;g__Blautia;s__Blautia_obeum\t0.9\n"
+        "asv3\td__Bacteria;g__Blautia;s__Blautia_obeum\t0.9\n"
+        "asv4\tUnassigned;__;__;__;__;__;__\t0.5\n")
+    profiles = read_profiles(tmp_path / "feature-table.tsv", tmp_path / "taxonomy.tsv")
+    assert profiles.rollups == 0
+    np.testing.assert_allclose(profiles.counts.sum(axis=1), [10, 14])
+    np.testing.assert_allclose(profiles.unassigned, [9, 0])

@@ -114,10 +114,19 @@ def test_canonical_names() -> None:
     assert taxon_key("k__Bacteria|g__Blautia|s__Blautia_obeum|t__SGB4810", "species") == \
         "s__Blautia_obeum"
     assert taxon_key("k__Bacteria|g__Blautia", "species") == "g__Blautia"
+    # GTDB's split of a genus maps onto the undivided genus; roman numerals are other taxa
+    assert taxon_key("d__Bacteria;g__Ruminococcus_B") == "g__Ruminococcus"
+    assert taxon_key("d__Bacteria;g__Clostridium_IV") == "g__Clostridium_IV"
+    assert taxon_key("d__Bacteria;f__Family_XI", "family") == "f__Family_XI"
+    # an epithet alone (Greengenes) is named by its genus, so two genera's hominis differ
+    assert taxon_key("k__Bacteria;g__Staphylococcus;s__hominis", "species") == \
+        "s__Staphylococcus_hominis"
+    assert taxon_key("k__Bacteria;g__Blautia;s__hominis", "species") == "s__Blautia_hominis"
 
 
 @pytest.mark.parametrize("taxon", ["", "Unassigned", "unclassified", "UNCLASSIFIED",
-                                   "d__Unassigned", "k__;p__;c__", "D_0__unidentified"])
+                                   "d__Unassigned", "k__;p__;c__", "D_0__unidentified",
+                                   "Unassigned;__;__;__;__;__;__", "UNKNOWN"])
 def test_reads_without_a_taxon_are_recognised(taxon: str) -> None:
     assert is_unassigned(taxon)
 

@@ -30,9 +30,9 @@ from scipy.stats import rankdata, spearmanr
 from sklearn.base import BaseEstimator, clone
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
-from sklearn.model_selection import StratifiedGroupKFold
 
 from training.compute import single_threaded_fit
+from training.folds import TreatmentStratifiedGroupKFold
 from training.model import FEATURE_SETS
 
 log = logging.getLogger(__name__)
@@ -74,12 +74,14 @@ class CVResult:
 
 
 def grouped_splits(
-    y: np.ndarray, groups: np.ndarray, config: CVConfig
+    y: np.ndarray, groups: np.ndarray, config: CVConfig, X: pd.DataFrame | None = None
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """(repeat, train, test) over repeated StratifiedGroupKFold; each repeat reshuffled."""
+    """(repeat, train, test) over repeated patient-grouped K-fold, stratified by outcome and,
+    when X carries it, treatment (training.folds); each repeat reshuffled."""
     for repeat in range(config.n_repeats):
-        cv = StratifiedGroupKFold(config.n_splits, shuffle=True, random_state=config.seed + repeat)
-        for train, test in cv.split(np.zeros(len(y)), y, groups):
+        cv = TreatmentStratifiedGroupKFold(config.n_splits, shuffle=True,
+                                           random_state=config.seed + repeat)
+        for train, test in cv.split(X if X is not None else np.zeros(len(y)), y, groups):
             yield repeat, train, test
 
 
@@ -118,7 +120,7 @@ def cross_validate(
     y = np.asarray(y)
     groups = np.asarray(groups)
     check_cohort_size(y, groups, config.n_splits)
-    splits = list(grouped_splits(y, groups, config))
+    splits = list(grouped_splits(y, groups, config, X))
     predicted = Parallel(n_jobs=config.n_jobs)(
         delayed(_fit_predict)(estimator, X, y, groups, train, test) for _, train, test in splits
     )
@@ -216,7 +218,7 @@ def nested_cross_validate(
     groups = np.asarray(groups)
     check_cohort_size(y, groups, config.n_splits, getattr(search, "inner_splits", 0))
     splits = [(r, k, train, test) for k, (r, train, test) in
-              enumerate(grouped_splits(y, groups, config))]
+              enumerate(grouped_splits(y, groups, config, X))]
     started = time.monotonic()
     outputs = []
     jobs = Parallel(n_jobs=config.n_jobs, return_as="generator")(

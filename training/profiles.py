@@ -238,9 +238,19 @@ def _check_lineages(path: Path, table: _Raw, lineages: list[str], joined: bool) 
         raise files.error(path, problems)
 
 
-def _rollups(lineages: list[str], values: np.ndarray) -> np.ndarray:
-    """Rows that are the sum of their child rows in every sample (every-rank tables such as
-    MetaPhlAn's): keeping them would count each read once per rank."""
+def _rollups(lineages: list[str], values: np.ndarray, source: str, joined: bool
+             ) -> np.ndarray:
+    """Rows that total other rows: keeping them would count a read once per rank.
+
+    A MetaPhlAn profile lists every rank; a clade with any sub-clade listed is a total
+    (structurally, whatever its value: a genus can carry a little more than its species),
+    so only the deepest rows are kept. A lineage table may list a rank's total too: such a
+    row is dropped when it equals the sum of its children in every sample. Rows joined from
+    ASV ids to their taxonomy are reads, never totals.
+    """
+    rollup = np.zeros(len(lineages), dtype=bool)
+    if joined:
+        return rollup
     index = {taxon: i for i, taxon in enumerate(lineages)}
     children: dict[int, list[int]] = {}
     for i, taxon in enumerate(lineages):
@@ -248,10 +258,9 @@ def _rollups(lineages: list[str], values: np.ndarray) -> np.ndarray:
             parent, found, _ = taxon.rpartition(separator)
             if found and parent.strip() in index:
                 children.setdefault(index[parent.strip()], []).append(i)
-    rollup = np.zeros(len(lineages), dtype=bool)
     for parent, rows in children.items():
-        summed = values[rows].sum(axis=0)
-        rollup[parent] = np.allclose(values[parent], summed, rtol=0.02, atol=1e-4)
+        rollup[parent] = source == "metaphlan" or np.allclose(
+            values[parent], values[rows].sum(axis=0), rtol=0.02, atol=1e-4)
     return rollup
 
 
@@ -280,7 +289,7 @@ def read_profiles(table_path: Path, taxonomy_path: Path | None = None) -> Profil
                 for t in _lineages(table_path, table, taxonomy, taxonomy_path)]
     joined = taxonomy is not None or table.taxonomy is not None
     _check_lineages(table_path, table, lineages, joined)
-    rollup = _rollups(lineages, table.values)
+    rollup = _rollups(lineages, table.values, source, joined)
     unassigned = np.array([is_unassigned(t) for t in lineages])
     keep = ~rollup & ~unassigned
     kept = pd.DataFrame(table.values[keep].T, index=pd.Index(table.samples, dtype=object,

@@ -49,8 +49,13 @@ PLACEHOLDERS = re.compile(
     r"^(unassigned|uncultured|unidentified|unknown|unclassified|metagenome|gut_metagenome|"
     r"human_gut_metagenome|ambiguous_taxa|incertae_sedis)([ _].*)?$|.*_unclassified$",
     re.IGNORECASE)
-GTDB_SUFFIX = re.compile(r"^([A-Z][a-z]+)_[A-Z]{1,2}(?=_|$)")  # Blautia_A, Firmicutes_A
-UNASSIGNED = re.compile(r"^\s*(unassigned|unclassified|no hit|none)?\s*$", re.IGNORECASE)
+# GTDB's letter suffixes mark its splits of one genus or phylum (Blautia_A, Firmicutes_A);
+# the other references keep one name for all of them, so across references the split maps
+# back onto it. Roman numerals are not GTDB suffixes but RDP clusters (Clostridium_IV) or
+# numbered families (Family_XI), distinct taxa that keep their names.
+GTDB_SUFFIX = re.compile(r"^([A-Z][a-z]+)_(?![IVXL]+(?:_|$))[A-Z]{1,2}(?=_|$)")
+UNASSIGNED = re.compile(r"^\s*(unassigned|unclassified|unknown|no hit|none)?\s*$",
+                        re.IGNORECASE)
 
 
 def _name(rank: str, raw: str) -> str:
@@ -80,14 +85,21 @@ def parse_lineage(taxon: str) -> tuple[tuple[str, str], ...]:
         if rank is None or rank == "strain":
             continue
         name = _name(rank, raw)
+        if name and rank == "species" and not name[0].isupper():
+            # an epithet alone (Greengenes' s__hominis) names nothing without its genus
+            genus = next((n for r, n in parts if r == "genus"), "")
+            name = f"{genus}_{name}" if genus else ""
         if name:
             parts.append((rank, name))
     return tuple(parts)
 
 
 def is_unassigned(taxon: str) -> bool:
-    """An empty id, 'Unassigned', or a lineage with no named rank: reads with no taxon."""
-    return bool(UNASSIGNED.match(taxon)) or (is_taxon(taxon) and not parse_lineage(taxon))
+    """An empty id, 'Unassigned' (also as the head of a padded lineage, as QIIME 2 collapses
+    it: `Unassigned;__;__`), MetaPhlAn's UNKNOWN, or a lineage with no named rank."""
+    head = re.split(r"[;|]", taxon, maxsplit=1)[0]
+    return (bool(UNASSIGNED.match(head)) and not parse_lineage(taxon)) or (
+        is_taxon(taxon) and not parse_lineage(taxon))
 
 
 def _truncated(taxon: str, rank: str) -> tuple[tuple[str, str], ...]:

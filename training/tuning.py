@@ -22,12 +22,12 @@ from sklearn.metrics import roc_curve
 from sklearn.model_selection import (
     GridSearchCV,
     RandomizedSearchCV,
-    StratifiedGroupKFold,
     cross_val_predict,
 )
 from sklearn.pipeline import Pipeline
 from sklearn.utils.validation import check_is_fitted
 
+from training.folds import TreatmentStratifiedGroupKFold
 from training.model import DEFAULT_RANKS, FAMILIES, FEATURE_STEPS, FeatureConfig, feature_set
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class ResponseModel(ClassifierMixin, BaseEstimator):
             ) -> ResponseModel:
         y = np.asarray(y)
         groups = np.arange(len(y)) if groups is None else np.asarray(groups)
-        cv = StratifiedGroupKFold(self.n_splits, shuffle=True, random_state=self.seed)
+        cv = TreatmentStratifiedGroupKFold(self.n_splits, shuffle=True, random_state=self.seed)
         oof = cross_val_predict(clone(self.pipeline), X, y, groups=groups, cv=cv,
                                 method="predict_proba")[:, 1]
         self.intercept_, self.slope_ = recalibration(y, oof)
@@ -145,8 +145,9 @@ class ModelSearch(ClassifierMixin, BaseEstimator):
         self.selection = selection
         self.ranks = ranks
 
-    def _cv(self) -> StratifiedGroupKFold:
-        return StratifiedGroupKFold(self.inner_splits, shuffle=True, random_state=self.seed)
+    def _cv(self) -> TreatmentStratifiedGroupKFold:
+        return TreatmentStratifiedGroupKFold(self.inner_splits, shuffle=True,
+                                             random_state=self.seed)
 
     def _pipeline(self, family: str) -> Pipeline:
         return FAMILIES[family].build(self.features or FeatureConfig(), self.seed)
