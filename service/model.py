@@ -65,8 +65,11 @@ class LoadedModel:
 
     @cached_property
     def schema(self) -> dict[str, Any]:
-        """Read off the fitted pipeline itself: the object that predicts is the authority."""
-        return feature_schema(self.stored.model)
+        """Read off the fitted pipeline itself (the object that predicts is the authority),
+        plus what only the training data knew: the profiles' source and abundance kind."""
+        recorded = self.stored.metadata.get("feature_schema", {})
+        return feature_schema(self.stored.model) | {
+            key: recorded[key] for key in ("abundance", "profile_source") if key in recorded}
 
     @cached_property
     def treatments(self) -> list[str]:

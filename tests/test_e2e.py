@@ -145,6 +145,8 @@ def test_external_validation_on_an_independent_draw_is_logged_beside_the_version
         summary["calibration_slope_ci_high"]
     assert "calibration_in_the_large_ci_low" in summary
     assert result["taxa_matched"]["median"] > 0.95  # same simulator: same taxonomy
+    # labels derived with the response windows the model was trained with
+    assert registry.load(str(trained.bundle)).metadata["windows"]["corticosteroid"] == [7, 30]
     variables = {row["variable"] for row in result["subgroups"]}
     assert variables == {"treatment", "sex", "age_band"}
     client = MlflowClient(trained.tracking_uri)
@@ -189,6 +191,7 @@ def test_health_ready_and_model_description(registry_server: Server, trained: Tr
     assert set(info["microbiome_added_value"]) == {"auroc_difference", "ci_low", "ci_high"}
     schema = info["feature_schema"]
     assert schema["rank"] == "genus" and len(schema["taxa_vocabulary"]) >= 100
+    assert schema["abundance"] == "counts" and schema["profile_source"] == "table"
     platelets = next(f for f in schema["clinical"] if f["name"] == "baseline_platelets")
     assert platelets["unit"] == "x10^9/L" and len(platelets["training_range"]) == 2
 
@@ -262,14 +265,32 @@ def test_unknown_taxa_are_reported_with_their_share_of_reads(
     known = sum(counts.values())
     counts["k__Bacteria|p__Firmicutes|c__Bacilli|o__Lactobacillales|f__Lactobacillaceae|"
            "g__Notarealgenus|s__Notarealgenus_x"] = known  # half of all reads
-    response = predict(bundle_server, patients)
+    response = predict(bundle_server, patients, explain=True, top_k=10000)
     assert response.status_code == 200, response.text
-    warnings = response.json()["predictions"][0]["warnings"]
-    unknown = [w for w in warnings if w["code"] == "unknown_taxa"]
+    prediction = response.json()["predictions"][0]
+    unknown = [w for w in prediction["warnings"] if w["code"] == "unknown_taxa"]
     assert len(unknown) == 1
     assert "g__Notarealgenus" in unknown[0]["message"]
     assert "50.0%" in unknown[0]["message"]
-    assert response.json()["predictions"][0]["taxa_matched"] == pytest.approx(0.5)
+    assert prediction["taxa_matched"] == pytest.approx(0.5)
+    # shares are of all the reads the lab measured, the unknown half included
+    shares = [c["relative_abundance_pct"] for c in prediction["explanation"]["contributions"]
+              if c["relative_abundance_pct"] is not None]
+    assert 0 < sum(shares) <= 50 + 1e-6
+
+
+def test_relative_abundances_sent_to_a_count_model_are_flagged(
+    bundle_server: Server, trained: Trained
+) -> None:
+    patients, _ = patients_from_cohort(trained.data, 1)
+    counts = patients[0]["microbiome"]["counts"]
+    total = sum(counts.values())
+    same = predict(bundle_server, patients).json()["predictions"][0]
+    assert "abundance_kind" not in [w["code"] for w in same["warnings"]]
+    patients[0]["microbiome"]["counts"] = {k: v / total for k, v in counts.items()}
+    flagged = predict(bundle_server, patients).json()["predictions"][0]
+    assert "abundance_kind" in [w["code"] for w in flagged["warnings"]]
+    assert flagged["probability"] == pytest.approx(same["probability"], abs=1e-9)
 
 
 @pytest.mark.parametrize("spelling", [

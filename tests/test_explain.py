@@ -138,9 +138,11 @@ def test_values_are_in_their_own_units_and_missing_stays_missing(
 def test_taxa_report_their_relative_abundance(
     fitted: dict[str, ResponseModel], data: tuple[pd.DataFrame, ...]
 ) -> None:
-    X = data[0]
+    """The share is of all the profile's reads, a genus the model never saw included."""
+    X = data[0].assign(**{"d__Bacteria;p__Firmicutes;g__Novelgenus": 5000.0})
     explanation = ShapExplainer(fitted["linear"]).explain(X)
     names = list(explanation.feature_names)
+    assert "d__Bacteria;p__Firmicutes;g__Novelgenus" not in names
     taxon = next(n for n in names if n.startswith("d__"))
     taxa = [c for c in X.columns if c.startswith("d__")]
     expected = X[taxon] / X[taxa].sum(axis=1)

@@ -17,6 +17,7 @@ from training.outcomes import (
     response_labels,
     target,
     without_rare_treatments,
+    without_unknown_treatments,
 )
 
 # (definition, followup, baseline, followup_bleeding, steroid_dependent, expected)
@@ -373,7 +374,7 @@ def test_precomputed_response_gets_the_checks_its_columns_allow() -> None:
     result = derive_outcomes(frame)
     assert result.labels.tolist() == ["CR", "R"]
     assert result.excluded.index.tolist() == ["b"]
-    assert result.unchecked_window == 2  # no followup_day column: nothing checked
+    assert result.unchecked_window == 0  # a given response has no window to check
     bare = derive_outcomes(frame[["response"]])
     assert bare.labels.tolist() == ["CR", "CR", "R"]
     assert bare.excluded.empty and bare.unchecked_window == 0
@@ -407,3 +408,17 @@ def test_treatments_with_fewer_patients_than_folds_are_excluded_with_a_reason() 
     nested = without_rare_treatments(outcomes, metadata, n_splits=5, inner_splits=5)
     assert len(nested.labels) == 0  # 6 patients < 7: 5 inner folds in 4/5 of them
     assert without_rare_treatments(outcomes, metadata, n_splits=1) is outcomes
+
+
+def test_treatments_a_model_never_saw_are_excluded_with_a_reason() -> None:
+    metadata = pd.DataFrame({schema.TREATMENT: ["ivig", "rituximab", "ivig", "splenectomy"]},
+                            index=pd.Index(["a", "b", "c", "d"], name=schema.SAMPLE_ID))
+    outcomes = Outcomes(labels=pd.Series(["R", "NR", "CR", "R"], index=metadata.index),
+                        excluded=pd.DataFrame({"reason": []}, index=pd.Index([], dtype=object)),
+                        unchecked_window=0)
+    kept = without_unknown_treatments(outcomes, metadata, ["corticosteroid", "ivig"])
+    assert list(kept.labels.index) == ["a", "c"]
+    assert kept.excluded.loc["b", "reason"] == (
+        "treatment 'rituximab' was not in the model's training data (it knows "
+        "corticosteroid, ivig)")
+    assert without_unknown_treatments(outcomes, metadata, schema.TREATMENTS) is outcomes

@@ -8,6 +8,7 @@ shows it as the version description) and HTML (an artifact a reviewer can open).
 
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass
 from typing import Any
 
@@ -194,8 +195,14 @@ def card_summary(card: str, link: str) -> str:
 
 
 def card_html(card: str, title: str) -> str:
-    body = markdown.markdown(card, extensions=["tables"])
-    return (f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{title}</title>"
+    """The card as a standalone page. Raw HTML is shown as text, never rendered: the card
+    writes none of its own, and file or experiment names come from users."""
+    renderer = markdown.Markdown(extensions=["tables"])
+    renderer.preprocessors.deregister("html_block")  # raw HTML stays text
+    renderer.inlinePatterns.deregister("html")
+    body = renderer.convert(card)
+    return (f"<!doctype html>\n<html><head><meta charset='utf-8'>"
+            f"<title>{html.escape(title)}</title>"
             "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}"
             f"</style></head>\n<body>\n{body}\n</body></html>\n")

@@ -106,10 +106,12 @@ class ShapExplainer:
         )
 
     def _relative_abundance(self, X: pd.DataFrame) -> np.ndarray:
+        """Each feature taxon's share of all the profile's reads, taxa the model does not
+        know included (what the lab measured, not what the model kept)."""
+        total = X[[c for c in X.columns if schema.is_taxon(c)]].sum(axis=1)
         aligned = self.pipeline.named_steps["align"].transform(X)
-        taxa = [c for c in aligned.columns if schema.is_taxon(c)]
-        reads = aligned[taxa]
-        shares = reads.div(reads.sum(axis=1).replace(0, np.nan), axis=0)
+        reads = aligned[[c for c in aligned.columns if schema.is_taxon(c)]]
+        shares = reads.div(total.replace(0, np.nan), axis=0)
         return shares.reindex(columns=self.input_names).to_numpy(dtype=np.float64)
 
 

@@ -24,8 +24,13 @@ import pandas as pd
 from training import plots, registry
 from training.cohort import Cohort, depth_report, load_cohort
 from training.evaluation import CVConfig, CVResult, net_benefit, summarise
-from training.features import model_input
-from training.outcomes import derive_outcomes, target
+from training.features import feature_schema, model_input
+from training.outcomes import (
+    REASON,
+    derive_outcomes,
+    target,
+    without_unknown_treatments,
+)
 from training.schema import SUBJECT_ID
 from training.subgroups import subgroup_table
 
@@ -56,7 +61,13 @@ def evaluate_external(model_uri: str, data: Path, *, definition: str | None = No
     definition = definition or stored.metadata.get("definition", "iwg")
     target_name = target_name or stored.metadata.get("target", "responded")
     cohort = load_cohort(data, min_reads=min_reads)
-    outcomes = derive_outcomes(cohort.metadata, definition)
+    # the response windows the model was trained with, so labels mean the same thing
+    outcomes = without_unknown_treatments(
+        derive_outcomes(cohort.metadata, definition, stored.metadata.get("windows")),
+        cohort.metadata, feature_schema(stored.model)["treatments"])
+    if outcomes.labels.empty:
+        raise ValueError(f"{data}: no episode can be scored; excluded: "
+                         f"{outcomes.excluded[REASON].value_counts().head(3).to_dict()}")
     metadata = cohort.metadata.loc[outcomes.labels.index]
     y = target(outcomes.labels, target_name).to_numpy()
     if not 0 < y.sum() < len(y):
@@ -77,6 +88,8 @@ def evaluate_external(model_uri: str, data: Path, *, definition: str | None = No
     benefit = {"threshold": float(model.threshold_), "model": float(curve["model"][0]),
                "treat_all": float(curve["treat_all"][0])}
     notes = depth_report(cohort)
+    for reason, n in outcomes.excluded[REASON].value_counts().items():
+        notes.append(f"{n} episode(s) excluded: {reason}")
     if stored.metadata.get("feature_schema", {}).get("abundance", cohort.abundance) \
             != cohort.abundance:
         notes.append(f"the model was trained on {stored.metadata['feature_schema']['abundance']}"

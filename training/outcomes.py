@@ -10,7 +10,7 @@ with a reason rather than labelled, since either label would be noise.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -320,6 +320,7 @@ def derive_outcomes(metadata: pd.DataFrame, definition: str = "iwg",
     checked = _check_windows(DEFAULT_WINDOWS if windows is None else windows)
     if _source(metadata) == RESPONSE:
         labels, unassessed = _given(metadata), np.zeros(len(metadata), dtype=bool)
+        checked = {}  # the lab assessed the response; there is no follow-up day to check
     else:
         labels, unassessed = _scored(metadata, definition)
     window_reasons, unchecked = _window_reasons(metadata, checked)
@@ -350,14 +351,28 @@ def without_rare_treatments(outcomes: Outcomes, metadata: pd.DataFrame, n_splits
     if inner_splits:
         need = max(need, -(-inner_splits * n_splits // (n_splits - 1)))
     rare = patients[patients < need]
-    if rare.empty:
-        return outcomes
-    mask = treatment.isin(rare.index)
-    reasons = pd.DataFrame({REASON: [
+    return _exclude(outcomes, treatment, rare.index, lambda t: (
         f"treatment {t!r} has only {rare[t]} patient(s), fewer than the {need} that "
-        f"{n_splits}-fold CV needs: too few to learn or to validate its response"
-        for t in treatment[mask]]},
-        index=treatment.index[mask])
+        f"{n_splits}-fold CV needs: too few to learn or to validate its response"))
+
+
+def without_unknown_treatments(outcomes: Outcomes, metadata: pd.DataFrame,
+                               known: Sequence[str]) -> Outcomes:
+    """Episodes of treatments a model never saw, moved to the excluded: it cannot speak
+    for them, and scoring them as its reference treatment would misstate its validity."""
+    treatment = metadata.loc[outcomes.labels.index, schema.TREATMENT]
+    unknown = sorted(set(treatment) - set(known))
+    return _exclude(outcomes, treatment, unknown, lambda t: (
+        f"treatment {t!r} was not in the model's training data (it knows {', '.join(known)})"))
+
+
+def _exclude(outcomes: Outcomes, treatment: pd.Series, treatments: Sequence[str],
+             reason: Callable[[str], str]) -> Outcomes:
+    mask = treatment.isin(treatments)
+    if not mask.any():
+        return outcomes
+    reasons = pd.DataFrame({REASON: [reason(t) for t in treatment[mask]]},
+                           index=treatment.index[mask])
     return replace(outcomes, labels=outcomes.labels[~mask],
                    excluded=pd.concat([outcomes.excluded, reasons]))
 

@@ -37,7 +37,7 @@ from training.evaluation import (
 from training.explain import ShapExplainer
 from training.features import feature_schema, model_input
 from training.model import DEFAULT_FAMILIES, FAMILIES, PRESETS, FeatureConfig
-from training.outcomes import derive_outcomes, target, without_rare_treatments
+from training.outcomes import DEFAULT_WINDOWS, derive_outcomes, target, without_rare_treatments
 from training.schema import SUBJECT_ID
 from training.tuning import ModelSearch
 
@@ -194,6 +194,8 @@ def train(config: TrainConfig) -> TrainResult:
             "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "definition": config.definition,
             "target": config.target,
+            "windows": {t: list(days) for t, days in
+                        (DEFAULT_WINDOWS if config.windows is None else config.windows).items()},
             "preset": config.preset,
             "data_fingerprint": cohort.fingerprint,
             "n_episodes": len(y),
