@@ -11,10 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 from joblib import parallel_config
 from threadpoolctl import threadpool_limits
+from tqdm import tqdm
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -55,3 +61,18 @@ def single_threaded_fit(parallel: bool) -> Iterator[None]:
         return
     with threadpool_limits(limits=1):
         yield
+
+
+def progress(results: Iterable[T], total: int, what: str) -> Iterator[T]:
+    """Outer folds done out of `total`, with elapsed time and ETA, as they come back from
+    local processes or Dask workers alike: a bar on a terminal, log lines otherwise (CI
+    logs, files), where a bar's carriage returns would be noise."""
+    if sys.stderr.isatty():
+        yield from tqdm(results, total=total, desc=what, unit="fold", file=sys.stderr)
+        return
+    started = time.monotonic()
+    for done, result in enumerate(results, 1):
+        elapsed = time.monotonic() - started
+        log.info("%s: %d/%d outer folds done, %.0f s elapsed, ETA %.0f s", what, done, total,
+                 elapsed, elapsed / done * (total - done))
+        yield result

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import combinations
@@ -31,7 +30,7 @@ from sklearn.base import BaseEstimator, clone
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
 
-from training.compute import single_threaded_fit
+from training.compute import progress, single_threaded_fit
 from training.folds import TreatmentStratifiedGroupKFold
 from training.model import FEATURE_SETS
 
@@ -100,12 +99,6 @@ def _fit(estimator: BaseEstimator, X: pd.DataFrame, y: np.ndarray, groups: np.nd
     if "groups" in inspect.signature(fitted.fit).parameters:
         return fitted.fit(X, y, groups=groups)
     return fitted.fit(X, y)
-
-
-def _progress(done: int, total: int, started: float, what: str) -> None:
-    elapsed = time.monotonic() - started
-    eta = elapsed / done * (total - done)
-    log.info("%s: %d/%d fits done, %.0f s elapsed, ETA %.0f s", what, done, total, elapsed, eta)
 
 
 def cross_validate(
@@ -219,16 +212,12 @@ def nested_cross_validate(
     check_cohort_size(y, groups, config.n_splits, getattr(search, "inner_splits", 0))
     splits = [(r, k, train, test) for k, (r, train, test) in
               enumerate(grouped_splits(y, groups, config, X))]
-    started = time.monotonic()
-    outputs = []
     jobs = Parallel(n_jobs=config.n_jobs, return_as="generator")(
         delayed(_outer_fold)(search, X, y, groups, r, k % config.n_splits, train, test,
                              regions, config.n_jobs != 1)
         for r, k, train, test in splits
     )
-    for output in jobs:
-        outputs.append(output)
-        _progress(len(outputs), len(splits), started, what)
+    outputs = list(progress(jobs, len(splits), what))
     keys = list(dict.fromkeys(key for predicted, _ in outputs for key in predicted))
     oof = {key: np.full((config.n_repeats, len(y)), np.nan) for key in keys}
     for (repeat, _, _, test), (predicted, _) in zip(splits, outputs, strict=True):
