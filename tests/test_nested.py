@@ -92,7 +92,7 @@ def test_nothing_fitted_or_chosen_sees_the_outer_test_fold(spied: str) -> None:
     nested_cross_validate(ModelSearch(families=(spied,), inner_splits=3, seed=1), X, y, groups,
                           config, regions=False)
     folds = [({str(i) for i in X.index[train]}, {str(i) for i in X.index[test]})
-             for _, train, test in grouped_splits(y, groups, config)]
+             for _, train, test in grouped_splits(y, groups, config, X)]
     fits = [ids for kind, ids in Spy.events if kind == "fit"]
     assert len(fits) > 3 * 20  # the inner search really ran through the spies
     assert _violations(Spy.events, folds) == []
