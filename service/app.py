@@ -1,58 +1,44 @@
 """FastAPI app: predictions of ITP treatment response with SHAP explanations.
 
-`create_app(settings)` builds the app; the module-level `app` is built from the environment,
-so `uvicorn service.app:app` works as is. Request bodies and patient ids are never logged.
+`create_app(settings)` builds the app; the module attribute `app` is built from the
+environment on first use, so `uvicorn service.app:app` works as is. Request bodies and
+patient ids are never logged.
+
+A request's path: size limit (413, before anything is read into memory) -> API key (401) ->
+content type (415) -> JSON parsing and schema validation off the event loop (400, 422) ->
+model checks (422) -> scoring and explanation off the event loop. `/health` and `/ready`
+need no key and never wait for the model.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import secrets
-import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Request, status
+from fastapi import Depends, FastAPI, HTTPException, Request, status
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.model import LoadedModel, load_model
+from service import errors
+from service.auth import AdminKey, ApiKey
+from service.loading import ModelSlot
+from service.model import LoadedModel
 from service.schemas import (
+    ErrorResponse,
+    Limits,
     ModelInfo,
-    PredictRequest,
     PredictResponse,
     ValidationErrorResponse,
-    ValidationProblem,
+    request_models,
 )
 from service.settings import Settings
 
 log = logging.getLogger("service")
-
-
-class ModelSlot:
-    """Holds the serving model; a reload swaps it only once the new one is fully loaded."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.model: LoadedModel | None = None
-        self.error: str | None = None
-        self._lock = threading.Lock()
-
-    def load(self) -> LoadedModel:
-        with self._lock:
-            try:
-                model = load_model(self.settings)
-            except Exception as error:
-                self.error = f"{type(error).__name__}: {error}"
-                log.error("model load from %s failed, %s: %s", self.settings.model_uri,
-                          "keeping the current model" if self.model else "not ready", self.error)
-                raise
-            self.model, self.error = model, None
-            log.info("serving %s version %s (sha256 %s...)", model.stored.name,
-                     model.stored.version, model.stored.digest[:12])
-            return model
 
 
 def get_slot(request: Request) -> ModelSlot:
@@ -61,8 +47,10 @@ def get_slot(request: Request) -> ModelSlot:
 
 def get_model(slot: Annotated[ModelSlot, Depends(get_slot)]) -> LoadedModel:
     if slot.model is None:
+        failure = slot.failure()
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
-                            detail=f"no model loaded: {slot.error or 'loading'}")
+                            detail="no model loaded: " + (failure["error"] if failure
+                                                          else "loading"))
     return slot.model
 
 
@@ -73,6 +61,221 @@ def get_settings(request: Request) -> Settings:
 SlotDep = Annotated[ModelSlot, Depends(get_slot)]
 ModelDep = Annotated[LoadedModel, Depends(get_model)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+PROBLEM = {"model": ValidationErrorResponse}
+PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {**PROBLEM, "description": "Not JSON; the message gives line and column"},
+    401: {"model": ErrorResponse, "description": "Missing or invalid API key"},
+    413: {**PROBLEM, "description": "Body larger than ITP_MAX_BODY_BYTES"},
+    415: {**PROBLEM, "description": "Content-Type is not application/json"},
+    422: {**PROBLEM, "description": "Invalid input: names the patient (index, id) and the "
+          "field, never the value"},
+    503: {"model": ErrorResponse, "description": "No model loaded yet"},
+}
+
+
+class BodyLimit:
+    """413 for bodies over `limit` bytes, by Content-Length or while streaming, before the
+    app reads them into memory."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(send)
+            return
+        received = 0
+        started = False
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise _TooLarge
+            return message
+
+        async def tracking(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited, tracking)
+        except _TooLarge:
+            if not started:
+                await self._refuse(send)
+
+    async def _refuse(self, send: Send) -> None:
+        response = errors.ClientError(status.HTTP_413_CONTENT_TOO_LARGE, [errors.problem(
+            f"the request body is larger than {self.limit} bytes (ITP_MAX_BODY_BYTES); "
+            "send fewer patients per request")]).response()
+        await response({"type": "http"}, _no_receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _no_receive() -> Message:  # pragma: no cover - a response never reads
+    return {"type": "http.disconnect"}
+
+
+def create_app(settings: Settings | None = None, slot: ModelSlot | None = None) -> FastAPI:
+    settings = settings or Settings()
+    _configure_logging(settings.log_level)
+    limits = Limits(settings.max_batch, settings.max_taxa, settings.max_key_length)
+    _, _, predict_request = request_models(limits)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.slot.start()
+        yield
+        app.state.slot.stop()
+
+    app = FastAPI(
+        title="ITP treatment response",
+        version="0.2.0",
+        summary="Probability that a patient with immune thrombocytopenia responds to a "
+                "treatment, from gut microbiome and clinical data, with SHAP explanations.",
+        description="Research tool, not a medical device. Response is defined by the IWG "
+                    "criteria (Rodeghiero 2009) as configured at training; see GET /v1/model. "
+                    "/v1/* need an API key when the service has any (ITP_API_KEYS).",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.slot = slot or ModelSlot(settings)
+    app.state.api_keys = settings.keys()
+    if not app.state.api_keys:
+        log.warning("NO API KEYS ARE SET: /v1/* answer anyone who can reach this port. Set "
+                    "ITP_API_KEYS or ITP_API_KEYS_FILE before serving patient data.")
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_exception_handler(errors.ClientError, _client_error)
+    app.add_exception_handler(RequestValidationError, _request_error)
+
+    @app.get("/health", tags=["operations"], summary="Process is alive (liveness)")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready", tags=["operations"], summary="A model is loaded and serving (readiness)",
+             responses={503: {"description": "No model loaded yet, and why"}})
+    def ready(slot: SlotDep) -> JSONResponse:
+        failure = slot.failure()
+        if slot.model is None:
+            return JSONResponse({"status": "not ready", "reason": failure["error"] if failure
+                                 else "loading", "last_failure": failure}, status_code=503)
+        return JSONResponse({"status": "ready", "model": slot.model.ref.model_dump(),
+                             "last_reload_failure": failure})
+
+    @app.get("/v1/model", tags=["model"], response_model=ModelInfo,
+             summary="The served model: version, run, CV metrics, feature schema",
+             responses={401: PREDICT_RESPONSES[401], 503: PREDICT_RESPONSES[503]})
+    def model_info(model: ModelDep, slot: SlotDep, _: ApiKey) -> ModelInfo:
+        return model.info(last_reload_failure=slot.failure())
+
+    @app.post("/v1/predict", tags=["model"], response_model=PredictResponse,
+              summary="Predict response for one or more patients",
+              responses=PREDICT_RESPONSES,
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": {
+                      "$ref": "#/components/schemas/PredictRequest"}}}}})
+    async def predict(request: Request, model: ModelDep, config: SettingsDep,
+                      _: ApiKey) -> Response:
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type != "application/json":
+            raise errors.ClientError(status.HTTP_415_UNSUPPORTED_MEDIA_TYPE, [errors.problem(
+                "send the request as JSON with Content-Type: application/json")])
+        body = await request.body()
+        return await run_in_threadpool(_predict, body, predict_request, model, config)
+
+    @app.post("/v1/model/reload", tags=["operations"], response_model=ModelInfo,
+              summary="Reload the configured model (admin key required)",
+              responses={401: {"model": ErrorResponse, "description": "Missing or invalid "
+                               "admin key"},
+                         403: {"model": ErrorResponse, "description": "Reload disabled: no "
+                               "ITP_ADMIN_KEY set"},
+                         503: {"model": ErrorResponse, "description": "Load failed; the "
+                               "previous model keeps serving"}})
+    def reload(slot: SlotDep, _: AdminKey) -> ModelInfo:
+        try:
+            return slot.load().info()
+        except Exception as error:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
+                                detail=f"reload failed, previous model still serving: "
+                                       f"{slot.error}") from error
+
+    app.openapi = lambda: _openapi(app, predict_request)  # type: ignore[method-assign]
+    return app
+
+
+def _predict(body: bytes, predict_request: type, model: LoadedModel,
+             config: Settings) -> Response:
+    """Parse, check and score: CPU work, run in a worker thread."""
+    request = errors.parse(predict_request, body)
+    problems = []
+    first: dict[str, int] = {}
+    for index, patient in enumerate(request.patients):
+        if patient.patient_id in first:
+            problems.append(errors.problem(
+                f"patient_id repeats that of patient {first[patient.patient_id]}; ids must be "
+                "unique in a request", "patient_id", index, patient.patient_id))
+        first.setdefault(patient.patient_id, index)
+        if patient.treatment not in model.treatments:
+            problems.append(errors.problem(
+                f"the model was not trained on this treatment; it knows "
+                f"{', '.join(model.treatments)}", "treatment", index, patient.patient_id))
+    if problems:
+        raise errors.ClientError(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                                 problems[:errors.MAX_PROBLEMS],
+                                 max(0, len(problems) - errors.MAX_PROBLEMS))
+    threshold = config.threshold if config.threshold is not None else model.threshold
+    predictions = model.predict(request.patients, request.explain, request.top_k, threshold)
+    response = PredictResponse(model=model.ref, threshold=threshold, predictions=predictions)
+    return Response(response.model_dump_json(), media_type="application/json")
+
+
+def _openapi(app: FastAPI, predict_request: type) -> dict[str, Any]:
+    """FastAPI's schema plus the request model it does not see (the body is parsed off the
+    event loop, not by FastAPI), with its nested models, as components."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    spec = get_openapi(title=app.title, version=app.version, summary=app.summary,
+                       description=app.description, routes=app.routes)
+    request_schema = predict_request.model_json_schema(
+        ref_template="#/components/schemas/{model}")
+    components = spec.setdefault("components", {}).setdefault("schemas", {})
+    components.update(request_schema.pop("$defs", {}))
+    components["PredictRequest"] = request_schema
+    if not app.state.api_keys:  # an open service documents no credentials it would ignore
+        for path, item in spec["paths"].items():
+            for operation in item.values():
+                if path != "/v1/model/reload":
+                    operation.pop("security", None)
+                    operation.get("responses", {}).pop("401", None)
+        if app.state.settings.admin_token is None:
+            spec["components"].pop("securitySchemes", None)
+    app.openapi_schema = spec
+    return spec
+
+
+async def _client_error(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, errors.ClientError)
+    return error.response()
+
+
+async def _request_error(request: Request, error: Exception) -> JSONResponse:
+    """FastAPI's own validation (query, headers): the path of each problem, never values."""
+    assert isinstance(error, RequestValidationError)
+    problems = [errors.problem(item["msg"], ".".join(str(p) for p in item["loc"]))
+                for item in error.errors()[:errors.MAX_PROBLEMS]]
+    return errors.ClientError(status.HTTP_422_UNPROCESSABLE_CONTENT, problems).response()
 
 
 def _configure_logging(level: str) -> None:
@@ -85,116 +288,9 @@ def _configure_logging(level: str) -> None:
     log.setLevel(level.upper())
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or Settings()
-    _configure_logging(settings.log_level)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # A failure is logged by the slot; /ready answers 503 until a reload succeeds.
-        with contextlib.suppress(Exception):
-            app.state.slot.load()
-        yield
-
-    app = FastAPI(
-        title="ITP treatment response",
-        version="0.1.0",
-        summary="Probability that a patient with immune thrombocytopenia responds to a "
-                "treatment, from gut microbiome and clinical data, with SHAP explanations.",
-        description="Research tool, not a medical device. Response is defined by the IWG "
-                    "criteria (Rodeghiero 2009) as configured at training; see GET /v1/model.",
-        lifespan=lifespan,
-    )
-    app.state.settings = settings
-    app.state.slot = ModelSlot(settings)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-
-    @app.get("/health", tags=["operations"], summary="Process is alive")
-    def health() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/ready", tags=["operations"], summary="A model is loaded and serving",
-             responses={503: {"description": "No model loaded"}})
-    def ready(slot: SlotDep) -> JSONResponse:
-        if slot.model is None:
-            return JSONResponse({"status": "not ready", "error": slot.error}, status_code=503)
-        return JSONResponse({"status": "ready", "model": slot.model.ref.model_dump()})
-
-    @app.get("/v1/model", tags=["model"], response_model=ModelInfo,
-             summary="The served model: version, run, CV metrics, feature schema")
-    def model_info(model: ModelDep) -> ModelInfo:
-        return model.info()
-
-    @app.post("/v1/predict", tags=["model"], response_model=PredictResponse,
-              summary="Predict response for one or more patients",
-              responses={422: {"model": ValidationErrorResponse,
-                               "description": "Invalid input; names the patient and field"},
-                         503: {"description": "No model loaded"}})
-    def predict(request: PredictRequest, model: ModelDep,
-                config: SettingsDep) -> PredictResponse:
-        if len(request.patients) > config.max_batch:
-            raise _unprocessable(None, "patients",
-                                 f"at most {config.max_batch} patients per request")
-        for patient in request.patients:
-            if patient.treatment not in model.treatments:
-                raise _unprocessable(patient.patient_id, "treatment",
-                                     f"the model was not trained on {patient.treatment!r}; "
-                                     f"it knows {model.treatments}")
-        threshold = config.threshold if config.threshold is not None else model.threshold
-        predictions = model.predict(request.patients, request.explain, request.top_k,
-                                    threshold)
-        return PredictResponse(model=model.ref, threshold=threshold, predictions=predictions)
-
-    @app.post("/v1/model/reload", tags=["operations"], response_model=ModelInfo,
-              summary="Reload the configured model (admin token required)",
-              responses={403: {"description": "Bad or missing token, or reload disabled"},
-                         500: {"description": "Load failed; the previous model keeps serving"}})
-    def reload(slot: SlotDep, config: SettingsDep,
-               authorization: Annotated[str | None, Header()] = None) -> ModelInfo:
-        token = config.admin_token.get_secret_value() if config.admin_token else None
-        supplied = (authorization or "").removeprefix("Bearer ")
-        if not token or not secrets.compare_digest(supplied.encode(), token.encode()):
-            raise HTTPException(status.HTTP_403_FORBIDDEN, detail="reload not permitted")
-        try:
-            return slot.load().info()
-        except Exception as error:
-            raise HTTPException(status.HTTP_500_INTERNAL_SERVER_ERROR,
-                                detail=f"reload failed, previous model still serving: "
-                                       f"{slot.error}") from error
-
-    return app
-
-
-def _unprocessable(patient_id: str | None, field: str, message: str) -> HTTPException:
-    problem = ValidationProblem(patient_id=patient_id, field=field, message=message)
-    return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=[problem.model_dump()])
-
-
-async def _validation_error(request: Request, error: Exception) -> JSONResponse:
-    """Name the patient (by patient_id, not list index) and the field of each problem."""
-    assert isinstance(error, RequestValidationError)
-    body: Any = error.body
-    patients = body.get("patients") if isinstance(body, dict) else None
-    problems = []
-    for item in error.errors():
-        loc = [str(part) for part in item["loc"] if part != "body"]
-        patient_id = None
-        if len(loc) >= 2 and loc[0] == "patients" and loc[1].isdigit():
-            patient_id = _patient_id(patients, int(loc[1]))
-            loc = loc[2:]
-        problems.append(ValidationProblem(patient_id=patient_id, field=".".join(loc) or "body",
-                                          message=item["msg"]))
-    return JSONResponse({"detail": [p.model_dump() for p in problems]},
-                        status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
-
-
-def _patient_id(patients: Any, index: int) -> str | None:
-    """The caller's id of the index-th patient, as sent (it may itself be the invalid part)."""
-    if not isinstance(patients, list) or index >= len(patients):
-        return None
-    patient = patients[index]
-    value = patient.get("patient_id") if isinstance(patient, dict) else None
-    return None if value is None else str(value)
-
-
-app = create_app()
+def __getattr__(name: str) -> FastAPI:
+    """`service.app:app` for uvicorn's workers: built from the environment on first use."""
+    if name == "app":
+        globals()["app"] = application = create_app()
+        return application
+    raise AttributeError(name)

@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
-import uvicorn
+import os
 
-from service.app import create_app
-from service.settings import Settings
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def main() -> None:
+    from service.settings import Settings
+
     settings = Settings()
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level)
+    # Each worker gets its share of the cores for BLAS/OpenMP, set before numpy loads them,
+    # so N workers never run N x cores threads.
+    threads = max(1, (os.cpu_count() or 1) // settings.workers)
+    for variable in THREAD_VARIABLES:
+        os.environ.setdefault(variable, str(threads))
+
+    import uvicorn
+
+    options = {"host": settings.host, "port": settings.port, "log_level": settings.log_level}
+    if settings.workers > 1:  # worker processes import the app built from the environment
+        uvicorn.run("service.app:app", workers=settings.workers, **options)
+    else:
+        from service.app import create_app
+
+        uvicorn.run(create_app(settings), **options)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -31,6 +33,7 @@ from training.features import feature_schema, model_input
 from training.schema import CLINICAL_BY_NAME, CLINICAL_FIELDS, TREATMENT, is_taxon
 
 LOW_READS = 1000
+log = logging.getLogger("service")
 
 
 @dataclass(frozen=True)
@@ -43,12 +46,17 @@ class LoadedModel:
         return ModelRef(name=self.stored.name, version=self.stored.version,
                         run_id=self.stored.run_id)
 
-    def info(self) -> ModelInfo:
+    @property
+    def integrity(self) -> str:
+        return self.stored.integrity
+
+    def info(self, last_reload_failure: dict[str, Any] | None = None) -> ModelInfo:
         meta = self.stored.metadata
         model = self.stored.model
         return ModelInfo(
             name=self.stored.name, version=self.stored.version, run_id=self.stored.run_id,
-            source=self.stored.source, sha256=self.stored.digest,
+            sha256=self.stored.digest, integrity=self.integrity,
+            last_reload_failure=last_reload_failure,
             candidate=meta.get("candidate"), trained_at=meta.get("trained_at"),
             definition=meta.get("definition"), target=meta.get("target"),
             cv_metrics=meta.get("cv_metrics", {}),
@@ -195,7 +203,27 @@ def _unit(feature: str) -> str | None:
 def load_model(settings: Settings) -> LoadedModel:
     """Fetch, verify and deserialise the configured model, and build its explainer."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # an unreachable tracking server fails one attempt in seconds; the slot retries
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     if settings.tracking_uri:
+        _check_tracking_uri(settings.tracking_uri)
         mlflow.set_tracking_uri(settings.tracking_uri)
-    stored = registry.load(settings.model_uri, settings.model_sha256)
+    stored = registry.load(settings.model_uri, settings.model_sha256,
+                           public_key=settings.bundle_public_key,
+                           check_registry=bool(settings.tracking_uri)
+                           and not settings.model_uri.startswith("models:/"))
+    if stored.integrity == "self-attested":
+        log.warning("bundle %s is checked only against its own bundle.json: set "
+                    "ITP_MODEL_SHA256, ITP_BUNDLE_PUBLIC_KEY or MLFLOW_TRACKING_URI to verify "
+                    "it", settings.model_uri)
     return LoadedModel(stored=stored, explainer=ShapExplainer(stored.model))
+
+
+def _check_tracking_uri(uri: str) -> None:
+    """A SQLite store must exist: MLflow would silently create an empty one."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        if not path.is_file():
+            raise FileNotFoundError(f"tracking store {uri}: no such database file; "
+                                    "point MLFLOW_TRACKING_URI at the one training wrote")

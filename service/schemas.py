@@ -6,9 +6,20 @@ the cohort format and the model can never disagree on a field's name, type or un
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from training import schema
 from training.schema import CLINICAL_FIELDS, TREATMENTS, Kind
@@ -36,18 +47,27 @@ def _clinical_field(field: schema.Field) -> tuple[Any, Any]:
     return kind | None, Field(None, **info)
 
 
+# Strict: a number is a JSON number (never true/false or "12"), a boolean is true/false,
+# and every number is finite (no NaN, Infinity or 1e400).
+STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
 class _ClinicalBase(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     @field_validator("bleeding_score", mode="before", check_fields=False)
     @classmethod
     def _score_as_text(cls, value: Any) -> Any:
-        return str(value) if isinstance(value, int | float) else value
+        return str(value) if isinstance(value, int | float) and not isinstance(value, bool) \
+            else value
 
     @model_validator(mode="after")
     def _bleeding_parses(self) -> _ClinicalBase:
-        schema.bleeding_severity(getattr(self, "bleeding_score", None),
-                                 getattr(self, "bleeding_scale", None))
+        try:
+            schema.bleeding_severity(getattr(self, "bleeding_score", None),
+                                     getattr(self, "bleeding_scale", None))
+        except ValueError as error:  # the message without the value that was sent
+            raise ValueError(str(error).split(", got ", 1)[0]) from None
         return self
 
 
@@ -58,66 +78,99 @@ Clinical = create_model(
     **{f.name: _clinical_field(f) for f in CLINICAL_FIELDS},
 )
 
-
-class Microbiome(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    counts: dict[str, float] = Field(
-        ...,
-        description="Reads (or relative abundances) per taxon, keyed by lineage string "
-        "(SILVA/GTDB `d__...;g__...` or MetaPhlAn `k__...|g__...`), at any rank down to "
-        "species; aggregated to the model's rank. Taxa the model does not know are "
-        "reported in `warnings` with their share of reads.",
-        examples=[{
-            "d__Bacteria;p__Firmicutes;c__Clostridia;o__Oscillospirales;"
-            "f__Ruminococcaceae;g__Faecalibacterium;s__Faecalibacterium_prausnitzii": 1250,
-            "d__Bacteria;p__Bacteroidota;c__Bacteroidia;o__Bacteroidales;"
-            "f__Bacteroidaceae;g__Bacteroides;s__Bacteroides_ovatus": 3400,
-        }],
-    )
-
-    @field_validator("counts")
-    @classmethod
-    def _valid_counts(cls, counts: dict[str, float]) -> dict[str, float]:
-        bad = [k for k in counts if not schema.is_taxon(k)]
-        if bad:
-            raise ValueError(f"taxon ids must be lineage strings starting with a rank prefix "
-                             f"such as 'd__' or 'k__'; got {bad[:5]}")
-        negative = [k for k, v in counts.items() if not v >= 0]
-        if negative:
-            raise ValueError(f"counts must be non-negative numbers; got {negative[:5]}")
-        if sum(counts.values()) <= 0:
-            raise ValueError("the profile has no reads")
-        return counts
+EXAMPLE_COUNTS = {
+    "d__Bacteria;p__Firmicutes;c__Clostridia;o__Oscillospirales;"
+    "f__Ruminococcaceae;g__Faecalibacterium;s__Faecalibacterium_prausnitzii": 1250,
+    "d__Bacteria;p__Bacteroidota;c__Bacteroidia;o__Bacteroidales;"
+    "f__Bacteroidaceae;g__Bacteroides;s__Bacteroides_ovatus": 3400,
+}
+EXAMPLE_PATIENT = {
+    "patient_id": "P1", "treatment": "corticosteroid",
+    "clinical": {"baseline_platelets": 18, "age_years": 46, "sex": "female"},
+    "microbiome": {"counts": EXAMPLE_COUNTS},
+}
 
 
-class Patient(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    patient_id: str = Field(..., min_length=1, max_length=128,
-                            description="Caller's reference, echoed back; never logged.",
-                            examples=["P1"])
-    treatment: Treatment = Field(..., description="Treatment whose response is predicted.",
-                                 examples=["corticosteroid"])
-    clinical: Clinical = Field(..., description="Clinical and immune data.")  # type: ignore[valid-type]
-    microbiome: Microbiome
+MAX_READS = 1e12  # per taxon: beyond any sequencing run, and 5000 of them sum finitely
 
 
-class PredictRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+@dataclass(frozen=True)
+class Limits:
+    """Request limits (settings), written into the request schema so the OpenAPI page says
+    exactly what is accepted."""
 
-    patients: list[Patient] = Field(..., min_length=1, description="One or more patients.")
-    explain: bool = Field(True, description="Return SHAP contributions per patient.")
-    top_k: int = Field(10, ge=1, le=10000, description="Largest contributions returned; the "
-                       "rest are summed in `explanation.other_features`.")
+    max_batch: int = 1000
+    max_taxa: int = 5000
+    max_key_length: int = 1000
 
-    @model_validator(mode="after")
-    def _unique_ids(self) -> PredictRequest:
-        ids = [p.patient_id for p in self.patients]
-        duplicates = sorted({i for i in ids if ids.count(i) > 1})
-        if duplicates:
-            raise ValueError(f"patient_id must be unique in a request; repeated: {duplicates}")
-        return self
+
+@lru_cache(maxsize=8)
+def request_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel], type[BaseModel]]:
+    """(Microbiome, Patient, PredictRequest) under `limits`."""
+    taxon = Annotated[str, StringConstraints(pattern=schema.TAXON_PATTERN.pattern,
+                                             max_length=limits.max_key_length)]
+    reads = Annotated[float, Field(ge=0, le=MAX_READS)]
+
+    def counts_schema(field_schema: dict[str, Any]) -> None:
+        """Keys as propertyNames (pydantic writes patternProperties, which would let any
+        other key through), and at least one positive value."""
+        value = field_schema.pop("patternProperties").popitem()[1]
+        field_schema["propertyNames"] = {"pattern": schema.TAXON_PATTERN.pattern,
+                                         "maxLength": limits.max_key_length}
+        field_schema["additionalProperties"] = value
+        field_schema["not"] = {"additionalProperties": {"maximum": 0}}
+
+    class Microbiome(BaseModel):
+        model_config = STRICT
+
+        counts: dict[taxon, reads] = Field(  # type: ignore[valid-type]
+            ..., min_length=1, max_length=limits.max_taxa,
+            description="Reads (or relative abundances) per taxon, keyed by lineage string "
+            "(SILVA/GTDB `d__...;g__...` or MetaPhlAn `k__...|g__...`), at any rank down to "
+            "species; aggregated to the model's rank. Finite, non-negative, with a finite "
+            "positive sum. Taxa the model does not know are reported in `warnings` with "
+            "their share of reads.",
+            examples=[EXAMPLE_COUNTS], json_schema_extra=counts_schema,
+        )
+
+        @field_validator("counts")
+        @classmethod
+        def _valid_total(cls, counts: dict[str, float]) -> dict[str, float]:
+            total = math.fsum(counts.values())
+            if not math.isfinite(total):
+                raise ValueError("the reads add up to more than a number can hold; send "
+                                 "counts or relative abundances of ordinary size")
+            if total <= 0:
+                raise ValueError("the profile has no reads")
+            return counts
+
+    class Patient(BaseModel):
+        model_config = STRICT
+
+        patient_id: str = Field(..., min_length=1, max_length=128,
+                                description="Caller's reference, echoed back; never logged.",
+                                examples=["P1"])
+        treatment: Treatment = Field(..., description="Treatment whose response is "
+                                     "predicted.", examples=["corticosteroid"])
+        clinical: Clinical = Field(..., description="Clinical and immune data.")  # type: ignore[valid-type]
+        microbiome: Microbiome
+
+    class PredictRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid", strict=True,
+                                  json_schema_extra={"examples": [
+                                      {"patients": [EXAMPLE_PATIENT], "explain": True,
+                                       "top_k": 5}]})
+
+        patients: list[Patient] = Field(..., min_length=1, max_length=limits.max_batch,
+                                        description="One or more patients, ids unique.")
+        explain: bool = Field(True, description="Return SHAP contributions per patient.")
+        top_k: int = Field(10, ge=1, le=10000, description="Largest contributions returned; "
+                           "the rest are summed in `explanation.other_features`.")
+
+    return Microbiome, Patient, PredictRequest
+
+
+Microbiome, Patient, PredictRequest = request_models(Limits())
 
 
 class Contribution(BaseModel):
@@ -194,8 +247,12 @@ class ModelInfo(BaseModel):
     name: str
     version: str | None
     run_id: str | None
-    source: str
-    sha256: str
+    sha256: str = Field(..., description="SHA-256 over the model files, as verified.")
+    integrity: str = Field(..., description="What the digest was checked against: registry "
+                           "(the version's tag), signed, pinned (ITP_MODEL_SHA256), or "
+                           "self-attested (a bundle's own record only).")
+    last_reload_failure: dict[str, Any] | None = Field(
+        None, description="The last failed reload while this model kept serving.")
     candidate: str | None = None
     trained_at: str | None = None
     definition: str | None = Field(None, description="Response definition (iwg, iwg_or, ge50).")
@@ -216,10 +273,20 @@ class ModelInfo(BaseModel):
 
 
 class ValidationProblem(BaseModel):
-    patient_id: str | None = Field(None, description="The patient the problem is in, if any.")
-    field: str = Field(..., description="Dotted path of the offending field.")
-    message: str
+    patient_index: int | None = Field(None, description="Position of the patient the problem "
+                                      "is in, from 0, if any.")
+    patient_id: str | None = Field(None, description="That patient's id, truncated to 64 "
+                                   "characters.")
+    field: str = Field(..., description="Dotted path of the offending field inside the "
+                       "patient (or the request); a key the schema does not name is shown by "
+                       "its position, `counts[#3]`, never by its text.")
+    message: str = Field(..., description="What is wrong; never the value that was sent.")
 
 
 class ValidationErrorResponse(BaseModel):
     detail: list[ValidationProblem]
+    more: int = Field(0, description="Further problems not listed.")
+
+
+class ErrorResponse(BaseModel):
+    detail: str

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from pydantic import AliasChoices, Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MIB = 1024 * 1024
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="ITP_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="ITP_", extra="ignore", populate_by_name=True)
 
     model_uri: str = Field(
         "models:/itp-response@champion",
@@ -16,6 +21,10 @@ class Settings(BaseSettings):
     model_sha256: str | None = Field(
         None, description="Optional pin: refuse any model whose files have another digest."
     )
+    bundle_public_key: Path | None = Field(
+        None, description="PEM Ed25519 public key: bundles must carry a valid signature "
+                          "(bundle.sig, from `itp-train export --sign-key`); unsigned ones are "
+                          "refused.")
     tracking_uri: str | None = Field(
         None,
         validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "ITP_TRACKING_URI"),
@@ -23,11 +32,46 @@ class Settings(BaseSettings):
     )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes; each scores "
+                         "with one OpenMP/BLAS thread, so workers never oversubscribe cores.")
     log_level: str = "info"
     threshold: float | None = Field(None, gt=0, lt=1, description="Probability at or above "
                                     "which the label is 'responder'; default: the threshold "
                                     "the model chose in training.")
-    max_batch: int = Field(512, ge=1, description="Most patients accepted in one request.")
+    max_batch: int = Field(1000, ge=1, le=100_000,
+                           description="Most patients accepted in one request.")
+    max_taxa: int = Field(5000, ge=1, le=1_000_000,
+                          description="Most taxa in one patient's profile.")
+    max_key_length: int = Field(1000, ge=16, le=100_000,
+                                description="Longest taxon lineage string, in characters.")
+    max_body_bytes: int = Field(32 * MIB, ge=1024, description="Largest request body, in "
+                                "bytes; larger ones get 413 before anything is parsed.")
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="Comma-separated API keys accepted on /v1/* "
+        "(Authorization: Bearer or X-API-Key); several allow rotation. None: open, with a "
+        "loud warning at start-up.")
+    api_keys_file: Path | None = Field(
+        None, description="File with one API key per line (a mounted secret), added to "
+                          "ITP_API_KEYS.")
     admin_token: SecretStr | None = Field(
-        None, description="Bearer token for POST /v1/model/reload; reload is off when unset."
-    )
+        None, validation_alias=AliasChoices("ITP_ADMIN_KEY", "ITP_ADMIN_TOKEN"),
+        description="Key for POST /v1/model/reload, apart from the API keys; reload is off "
+                    "when unset.")
+    load_retry_max_seconds: float = Field(
+        60.0, gt=0, description="Longest wait between attempts to load the model at start-up "
+                                "(exponential backoff from 1 s).")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    def keys(self) -> list[bytes]:
+        """Every accepted API key, from the environment and the secrets file."""
+        keys = [k.get_secret_value() for k in self.api_keys]
+        if self.api_keys_file is not None:
+            keys += [line.strip() for line in self.api_keys_file.read_text().splitlines()
+                     if line.strip() and not line.startswith("#")]
+        return [k.encode() for k in keys]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -336,9 +337,11 @@ def _bad(patient: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
         ("clinical.sex", "unknown", "clinical.sex", "female"),
         ("clinical.ldh", 200, "clinical.ldh", "Extra inputs"),
         ("clinical.bleeding_score", "S9M1O0", "clinical", "ITP-BAT"),
-        ("microbiome.counts", {}, "microbiome.counts", "no reads"),
-        ("microbiome.counts", {"Faecalibacterium": 10}, "microbiome.counts", "lineage"),
-        ("microbiome.counts", {FAECALIBACTERIUM: -5}, "microbiome.counts", "non-negative"),
+        ("microbiome.counts", {}, "microbiome.counts", "at least 1 item"),
+        ("microbiome.counts", {FAECALIBACTERIUM: 0}, "microbiome.counts", "no reads"),
+        ("microbiome.counts", {"Faecalibacterium": 10}, "microbiome.counts[#0]", "pattern"),
+        ("microbiome.counts", {FAECALIBACTERIUM: -5}, "microbiome.counts[#0]",
+         "greater than or equal to 0"),
     ],
 )
 def test_invalid_input_is_a_422_naming_patient_and_field(
@@ -351,8 +354,9 @@ def test_invalid_input_is_a_422_naming_patient_and_field(
     response = predict(bundle_server, patients)
     assert response.status_code == 422
     problems = response.json()["detail"]
-    assert any(p["patient_id"] == patients[1]["patient_id"] and p["field"].startswith(field)
-               and words in p["message"] for p in problems), problems
+    assert any(p["patient_index"] == 1 and p["patient_id"] == patients[1]["patient_id"]
+               and p["field"].startswith(field) and words in p["message"]
+               for p in problems), problems
 
 
 def test_a_non_string_patient_id_is_a_422_not_a_server_error(
@@ -363,8 +367,8 @@ def test_a_non_string_patient_id_is_a_422_not_a_server_error(
     patients[0]["clinical"]["age_years"] = -1
     response = predict(bundle_server, patients)
     assert response.status_code == 422, response.text
-    fields = {(p["patient_id"], p["field"]) for p in response.json()["detail"]}
-    assert {("123", "patient_id"), ("123", "clinical.age_years")} <= fields
+    fields = {(p["patient_index"], p["field"]) for p in response.json()["detail"]}
+    assert {(0, "patient_id"), (0, "clinical.age_years")} <= fields
 
 
 def test_duplicate_ids_and_empty_batches_are_rejected(bundle_server: Server,
@@ -400,8 +404,9 @@ def test_service_never_logs_patient_ids_or_payloads(bundle_server: Server,
 
 def test_reload_needs_the_admin_token(bundle_server: Server) -> None:
     url = f"{bundle_server.url}/v1/model/reload"
-    assert httpx.post(url).status_code == 403
-    assert httpx.post(url, headers={"Authorization": "Bearer wrong"}).status_code == 403
+    missing, wrong = httpx.post(url), httpx.post(url, headers={"Authorization": "Bearer wrong"})
+    assert missing.status_code == wrong.status_code == 401
+    assert missing.json() == wrong.json()  # never says which part was wrong
     response = httpx.post(url, headers={"Authorization": "Bearer test-token"}, timeout=60)
     assert response.status_code == 200 and response.json()["name"] == MODEL
 
@@ -420,8 +425,12 @@ def test_tampered_model_is_never_served_and_a_failed_reload_keeps_the_old_one(
         model_file.write_bytes(model_file.read_bytes() + b"tampered")
         reload = httpx.post(f"{server.url}/v1/model/reload",
                             headers={"Authorization": "Bearer t"}, timeout=60)
-        assert reload.status_code == 500 and "previous model still serving" in reload.text
-        assert httpx.get(f"{server.url}/ready").status_code == 200
+        assert reload.status_code == 503 and "previous model still serving" in reload.text
+        ready = httpx.get(f"{server.url}/ready")
+        assert ready.status_code == 200 and "digest" in ready.json()["last_reload_failure"][
+            "error"]
+        info = httpx.get(f"{server.url}/v1/model").json()
+        assert "digest" in info["last_reload_failure"]["error"]
         after = predict(server, patients).json()["predictions"][0]["probability"]
         assert after == before
     finally:
@@ -431,7 +440,11 @@ def test_tampered_model_is_never_served_and_a_failed_reload_keeps_the_old_one(
                          expect_ready=False)
     try:
         ready = httpx.get(f"{fresh.url}/ready")
-        assert ready.status_code == 503 and "digest" in ready.json()["error"]
+        for _ in range(50):  # the first attempt runs in the background
+            if (ready := httpx.get(f"{fresh.url}/ready")).json()["last_failure"]:
+                break
+            time.sleep(0.1)
+        assert ready.status_code == 503 and "digest" in ready.json()["reason"]
         assert predict(fresh, patients).status_code == 503
     finally:
         stop_server(fresh)

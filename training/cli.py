@@ -219,13 +219,17 @@ def train(
               help="Registered model: models:/<name>@<alias> or models:/<name>/<version>.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("models/itp-response"),
               show_default=True)
+@click.option("--sign-key", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              default=None, help="PEM Ed25519 private key: sign the bundle, for services "
+              "with ITP_BUNDLE_PUBLIC_KEY (docs: README, Security).")
 @tracking_option
-def export(model_uri: str, out: Path, tracking_uri: str) -> None:
+def export(model_uri: str, out: Path, sign_key: Path | None, tracking_uri: str) -> None:
     """Write a registered model as a local bundle the service can load without MLflow."""
     from training.registry import export_bundle
 
     _tracking(tracking_uri)
-    click.echo(f"exported {model_uri} to {_or_exit(lambda: export_bundle(model_uri, out))}")
+    click.echo(f"exported {model_uri} to "
+               f"{_or_exit(lambda: export_bundle(model_uri, out, sign_key))}")
 
 
 @main.command()

@@ -9,6 +9,7 @@ tag on the registry version and in a bundle's `bundle.json`, and checked before 
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import shutil
@@ -22,6 +23,9 @@ import mlflow
 import numpy as np
 import pandas as pd
 import skops.io
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.models import Model
@@ -36,6 +40,7 @@ MODEL_FILE = "model.skops"
 DIGESTED_FILES = ("MLmodel", MODEL_FILE)
 DIGEST_TAG = "sha256"
 BUNDLE_FILE = "bundle.json"
+SIGNATURE_FILE = "bundle.sig"
 METADATA_KEY = "itp_response"
 
 TRUSTED_TYPES: list[str] = [
@@ -76,6 +81,7 @@ class StoredModel:
     source: str
     digest: str
     metadata: dict[str, Any]
+    integrity: str = "registry"  # what the digest was checked against (registry.load)
 
 
 def digest(directory: Path) -> str:
@@ -218,11 +224,15 @@ def logged_model_id(version: ModelVersion) -> str | None:
     return source.removeprefix("models:/") if source.startswith("models:/m-") else None
 
 
-def export_bundle(model_uri: str, out: Path) -> Path:
+def export_bundle(model_uri: str, out: Path, sign_key: Path | None = None) -> Path:
     """Write a registered model version as a self-contained local bundle, atomically.
 
     The bundle is assembled beside `out` and moved into place only when complete, so a
-    failure leaves either the previous bundle or nothing, never a half-written one.
+    failure leaves either the previous bundle or nothing, never a half-written one. It is
+    readable by other users (directories 0755, files 0644: a container's service user is not
+    the one who exported it). With `sign_key` (a PEM Ed25519 private key) it carries a
+    signature of its name, version and digest, which a service configured with the public
+    key requires.
     """
     version = resolve_version(model_uri)
     out = out.resolve()
@@ -239,11 +249,48 @@ def export_bundle(model_uri: str, out: Path) -> Path:
         info = {"name": version.name, "version": str(version.version), "run_id": version.run_id,
                 "source": model_uri, DIGEST_TAG: actual}
         (staging / BUNDLE_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        if sign_key is not None:
+            (staging / SIGNATURE_FILE).write_text(sign(info, sign_key) + "\n")
+        _readable(staging)
         _replace(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def _readable(directory: Path) -> None:
+    directory.chmod(0o755)
+    for path in directory.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def _signed_message(info: dict[str, Any]) -> bytes:
+    return f"{info['name']}\n{info['version']}\n{info[DIGEST_TAG]}".encode()
+
+
+def sign(info: dict[str, Any], private_key: Path) -> str:
+    """Base64 Ed25519 signature of a bundle's name, version and digest."""
+    key = serialization.load_pem_private_key(private_key.read_bytes(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{private_key}: not an Ed25519 private key (make one with "
+                         "`openssl genpkey -algorithm ed25519`)")
+    return base64.b64encode(key.sign(_signed_message(info))).decode()
+
+
+def verify_signature(directory: Path, info: dict[str, Any], public_key: Path) -> None:
+    key = serialization.load_pem_public_key(public_key.read_bytes())
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError(f"{public_key}: not an Ed25519 public key")
+    signature = directory / SIGNATURE_FILE
+    if not signature.is_file():
+        raise ModelIntegrityError(f"{directory}: unsigned bundle, and a signing key is "
+                                  "configured; export it with `itp-train export --sign-key`")
+    try:
+        key.verify(base64.b64decode(signature.read_text().strip()), _signed_message(info))
+    except (InvalidSignature, ValueError):
+        raise ModelIntegrityError(f"{directory}: the bundle's signature does not verify with "
+                                  f"{public_key.name}") from None
 
 
 def _replace(new: Path, target: Path) -> None:
@@ -255,21 +302,43 @@ def _replace(new: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load(model_uri: str, expected_sha256: str | None = None) -> StoredModel:
-    """Load a model from `models:/...` or a bundle directory, verifying its digest first."""
+def load(model_uri: str, expected_sha256: str | None = None, public_key: Path | None = None,
+         check_registry: bool = False) -> StoredModel:
+    """Load a model from `models:/...` or a bundle directory, verifying its digest first.
+
+    A registry version's files are checked against the digest tag on the version. A bundle
+    records its own digest, which on its own attests nothing (whoever edits the files can
+    rewrite it), so a bundle is checked against, in turn: a signature (`public_key`), the
+    registry version it came from (`check_registry`), a pinned `expected_sha256`. With none
+    of them its integrity is "self-attested", and `StoredModel.integrity` says so.
+    """
     if model_uri.startswith("models:/"):
         version = resolve_version(model_uri)
         with tempfile.TemporaryDirectory(prefix="itp-model-") as tmp:
             directory = download(f"models:/{version.name}/{version.version}", Path(tmp))
             return _load_directory(directory, model_uri, version.name, version.version,
-                                   version.tags.get(DIGEST_TAG), expected_sha256)
+                                   version.tags.get(DIGEST_TAG), expected_sha256, "registry")
     directory = Path(model_uri)
     if not (directory / BUNDLE_FILE).is_file():
         raise FileNotFoundError(f"{directory}: not a model bundle (no {BUNDLE_FILE}); "
                                 f"create one with `itp-train export`")
     info = json.loads((directory / BUNDLE_FILE).read_text())
+    checks = []
+    if public_key is not None:
+        verify_signature(directory, info, public_key)
+        checks.append("signed")
+    if check_registry:
+        registered = MlflowClient().get_model_version(info["name"], info["version"])
+        if registered.tags.get(DIGEST_TAG) != info.get(DIGEST_TAG):
+            raise ModelIntegrityError(f"{model_uri}: the bundle's digest is not the one "
+                                      f"registered for {info['name']} version "
+                                      f"{info['version']}")
+        checks.append("registry")
+    if expected_sha256 is not None:
+        checks.append("pinned")
     return _load_directory(directory, model_uri, info["name"], info["version"],
-                           info.get(DIGEST_TAG), expected_sha256)
+                           info.get(DIGEST_TAG), expected_sha256,
+                           "+".join(checks) or "self-attested")
 
 
 def _load_directory(
@@ -279,6 +348,7 @@ def _load_directory(
     version: str | None,
     recorded: str | None,
     expected: str | None,
+    integrity: str,
 ) -> StoredModel:
     actual = digest(directory)
     if recorded is None:
@@ -300,4 +370,5 @@ def _load_directory(
         source=source,
         digest=actual,
         metadata=(mlmodel.metadata or {}).get(METADATA_KEY, {}),
+        integrity=integrity,
     )

@@ -71,7 +71,7 @@ def _name(rank: str, raw: str) -> str:
     return name
 
 
-@lru_cache(maxsize=65536)
+@lru_cache(maxsize=4096)  # bounded: the service parses lineages clients send
 def parse_lineage(taxon: str) -> tuple[tuple[str, str], ...]:
     """(rank, canonical name) pairs down the lineage; strains and unnamed or placeholder
     ranks dropped (a read unclassified at genus stays at its family)."""
@@ -107,7 +107,7 @@ def _truncated(taxon: str, rank: str) -> tuple[tuple[str, str], ...]:
     return tuple(p for p in parse_lineage(taxon) if RANKS.index(p[0]) <= depth)
 
 
-@lru_cache(maxsize=65536)
+@lru_cache(maxsize=4096)  # bounded: the service parses lineages clients send
 def lineage_at_rank(taxon: str, rank: str = "genus") -> str:
     """Readable canonical lineage truncated at `rank`: `d__A;p__B;...;g__G`.
 
@@ -117,7 +117,7 @@ def lineage_at_rank(taxon: str, rank: str = "genus") -> str:
     return ";".join(f"{RANK_PREFIXES_OUT[r]}__{n}" for r, n in _truncated(taxon, rank))
 
 
-@lru_cache(maxsize=65536)
+@lru_cache(maxsize=4096)  # bounded: the service parses lineages clients send
 def taxon_key(taxon: str, rank: str = "genus") -> str:
     """What two spellings of one taxon share at `rank`: its deepest named rank and name
     (`g__Blautia`), independent of the reference's higher ranks."""
