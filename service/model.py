@@ -25,10 +25,11 @@ from service.schemas import (
     PredictionWarning,
     Recalibration,
 )
+from service.scoring import CompiledModel
 from service.settings import Settings
 from training import registry
 from training.explain import Explanation as ShapResult
-from training.explain import ShapExplainer, display_name
+from training.explain import display_name
 from training.features import feature_schema, model_input
 from training.schema import CLINICAL_BY_NAME, CLINICAL_FIELDS, TREATMENT, is_taxon
 
@@ -39,7 +40,7 @@ log = logging.getLogger("service")
 @dataclass(frozen=True)
 class LoadedModel:
     stored: registry.StoredModel
-    explainer: ShapExplainer
+    compiled: CompiledModel
 
     @property
     def ref(self) -> ModelRef:
@@ -91,22 +92,19 @@ class LoadedModel:
     def predict(
         self, patients: list[Patient], explain: bool, top_k: int, threshold: float
     ) -> list[Prediction]:
-        X = inputs(patients)
-        explanation = self.explainer.explain(X)
-        aligner = self.explainer.pipeline.named_steps["align"]
-        predictions = []
-        for i, patient in enumerate(patients):
-            probability = float(explanation.probability[i])
-            unknown = aligner.unknown_taxa(patient.microbiome.counts)
-            predictions.append(Prediction(
+        scored = self.compiled.score(patients, explain)
+        explanation, probabilities = scored.explanation, scored.probability
+        return [
+            Prediction(
                 patient_id=patient.patient_id,
-                probability=probability,
-                label="responder" if probability >= threshold else "non-responder",
+                probability=float(probabilities[i]),
+                label="responder" if probabilities[i] >= threshold else "non-responder",
                 explanation=_top(explanation, i, top_k) if explain else None,
-                taxa_matched=max(0.0, 1.0 - sum(unknown.values())),
-                warnings=self._warnings(patient, unknown),
-            ))
-        return predictions
+                taxa_matched=float(scored.taxa_matched[i]),
+                warnings=self._warnings(patient, scored.unknown[i]),
+            )
+            for i, patient in enumerate(patients)
+        ]
 
     def _warnings(self, patient: Patient, unknown: dict[str, float]) -> list[PredictionWarning]:
         warnings = []
@@ -217,7 +215,7 @@ def load_model(settings: Settings) -> LoadedModel:
         log.warning("bundle %s is checked only against its own bundle.json: set "
                     "ITP_MODEL_SHA256, ITP_BUNDLE_PUBLIC_KEY or MLFLOW_TRACKING_URI to verify "
                     "it", settings.model_uri)
-    return LoadedModel(stored=stored, explainer=ShapExplainer(stored.model))
+    return LoadedModel(stored=stored, compiled=CompiledModel(stored.model))
 
 
 def _check_tracking_uri(uri: str) -> None:

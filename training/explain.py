@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import shap
 from scipy.special import expit
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
@@ -72,17 +71,14 @@ class ShapExplainer:
         estimator = self.pipeline[-1]
         if not isinstance(estimator, XGBClassifier | LogisticRegression):
             raise TypeError(f"no exact SHAP explainer for {type(estimator).__name__}")
-        steps = [name for name, _ in self.pipeline.steps]
-        self.inputs = self.pipeline[: max(steps.index(s) for s in INPUT_STEPS) + 1]
-        self.design = self.pipeline[len(self.inputs): -1]
-        self.input_names = np.asarray(self.inputs.get_feature_names_out(), dtype=object)
-        design_names = self.design.get_feature_names_out(self.input_names)
-        position = {str(name): i for i, name in enumerate(self.input_names)}
-        self._groups = np.array([position[source_feature(str(n))] for n in design_names])
+        import shap  # here, not at import: the service scores without it
+
+        self.inputs, self.design = split_pipeline(self.pipeline)
+        self.input_names, self._groups = design_groups(self.pipeline)
         if isinstance(estimator, XGBClassifier):
             self._explainer = shap.TreeExplainer(estimator)
         else:
-            background = np.zeros((1, len(design_names)))
+            background = np.zeros((1, len(self._groups)))  # one entry per design column
             self._explainer = shap.LinearExplainer(
                 estimator, shap.maskers.Independent(background)
             )
@@ -113,6 +109,23 @@ class ShapExplainer:
         reads = aligned[[c for c in aligned.columns if schema.is_taxon(c)]]
         shares = reads.div(total.replace(0, np.nan), axis=0)
         return shares.reindex(columns=self.input_names).to_numpy(dtype=np.float64)
+
+
+def split_pipeline(pipeline: Pipeline) -> tuple[Pipeline, Pipeline]:
+    """(raw inputs -> named input features, named features -> the estimator's design)."""
+    steps = [name for name, _ in pipeline.steps]
+    inputs = pipeline[: max(steps.index(s) for s in INPUT_STEPS) + 1]
+    return inputs, pipeline[len(inputs): -1]
+
+
+def design_groups(pipeline: Pipeline) -> tuple[np.ndarray, np.ndarray]:
+    """The named input features, and for each design column the input feature it comes
+    from (a field's interactions and missing-value indicator belong to the field)."""
+    inputs, design = split_pipeline(pipeline)
+    input_names = np.asarray(inputs.get_feature_names_out(), dtype=object)
+    position = {str(name): i for i, name in enumerate(input_names)}
+    design_names = design.get_feature_names_out(input_names)
+    return input_names, np.array([position[source_feature(str(n))] for n in design_names])
 
 
 def display_name(feature: str) -> str:
