@@ -1,10 +1,14 @@
-"""Benchmark the prediction service the way it is deployed: a bundle served by `itp-serve`.
+"""Benchmark the prediction service against `mlflow models serve` and the in-process floor.
 
-Measures start-up to /ready, /v1/predict latency for one patient and for a batch, the
-service's peak RSS, and an in-process split of the per-patient cost (request parsing,
-pipeline transform, SHAP, warnings) to show where the time goes. Everything it needs is
-created in a temporary directory: a simulated cohort, a SQLite MLflow store, a registered
-and exported model. Requests go to 127.0.0.1 only, in bounded loops.
+In one run, on one registered model: our service (`itp-serve` on the exported bundle,
+predict + exact SHAP explanation), `mlflow models serve` on the same registry version
+(predict only, its pyfunc), and the in-process floor (`LoadedModel.predict` on validated
+patients: scoring and explanation with no HTTP, JSON or validation). Each server gets the
+same closed-loop load from a separate process (bench/load.py): 1 and 4 concurrent clients,
+single patients and batches of 100 and 1,000. Reports req/s, patients/s, p50/p99 and the
+ratios the targets are stated in, plus start-up to /ready. Everything is created in a
+temporary directory (simulated cohort, SQLite store, registered and exported model);
+requests go to 127.0.0.1 only.
 
     .venv/bin/python bench/bench_service.py            # or: make bench
 """
@@ -20,7 +24,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,38 +80,67 @@ def prepare(workdir: Path, n_patients: int, seed: int, families: str, repeats: i
 
 
 def patients_from_cohort(data: Path, n: int) -> list[dict[str, Any]]:
-    """The first n episodes of the cohort as API patients, the way tests build them."""
+    """n episodes of the cohort as API patients (cycled, ids kept unique)."""
     from service.payloads import patient_payloads
     from training.cohort import load_cohort
 
     cohort = load_cohort(data)
-    return patient_payloads(cohort.metadata.iloc[:n], cohort.counts.iloc[:n])
+    base = patient_payloads(cohort.metadata, cohort.counts)
+    return [{**base[i % len(base)], "patient_id": f"{base[i % len(base)]['patient_id']}-{i}"}
+            for i in range(n)]
 
 
-def start_service(bundle: Path, workdir: Path, timeout: float = 120
-                  ) -> tuple[subprocess.Popen[bytes], str, float]:
-    """`itp-serve` on the bundle; returns (process, url, seconds from spawn to /ready 200)."""
+def mlflow_body(patients: list[dict[str, Any]]) -> dict[str, Any]:
+    """The same patients as `mlflow models serve` takes them: the model's input frame."""
+    from service.model import inputs
+    from service.schemas import Patient
+
+    frame = inputs([Patient.model_validate(p) for p in patients])
+    frame = frame.astype(object).where(frame.notna(), None)
+    return {"dataframe_split": {"columns": [str(c) for c in frame.columns],
+                                "data": frame.to_numpy().tolist()}}
+
+
+def start(command: list[str], env: dict[str, str], workdir: Path, url: str, probe: str,
+          timeout: float = 180) -> tuple[subprocess.Popen[bytes], float]:
+    """Spawn a server; returns (process, seconds from spawn until `probe` answers 200)."""
+    log = workdir / f"server-{url.rsplit(':', 1)[1]}.log"
+    started = time.perf_counter()
+    with log.open("wb") as handle:
+        process = subprocess.Popen(command, env=env, cwd=workdir, stdout=handle,
+                                   stderr=subprocess.STDOUT)
+    while time.perf_counter() - started < timeout:
+        if process.poll() is not None:
+            sys.exit(f"{command[0]} exited early:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}{probe}", timeout=1).status_code == 200:
+                return process, time.perf_counter() - started
+        except httpx.TransportError:
+            pass
+        time.sleep(0.01)
+    stop(process)
+    sys.exit(f"{command[0]} not ready within {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def ours(bundle: Path, workdir: Path, workers: int) -> tuple[subprocess.Popen[bytes], str, float]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env |= {"ITP_MODEL_URI": str(bundle), "ITP_HOST": "127.0.0.1", "ITP_PORT": str(port),
-            "ITP_LOG_LEVEL": "warning", "MPLCONFIGDIR": str(workdir / "mpl")}
+            "ITP_LOG_LEVEL": "warning", "ITP_WORKERS": str(workers)}
     url = f"http://127.0.0.1:{port}"
-    log = workdir / f"serve-{port}.log"
-    started = time.perf_counter()
-    with log.open("wb") as handle:
-        process = subprocess.Popen([str(BIN / "itp-serve")], env=env, cwd=workdir,
-                                   stdout=handle, stderr=subprocess.STDOUT)
-    while time.perf_counter() - started < timeout:
-        if process.poll() is not None:
-            sys.exit(f"service exited early:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                return process, url, time.perf_counter() - started
-        except httpx.TransportError:
-            pass
-        time.sleep(0.02)
-    stop(process)
-    sys.exit(f"service not ready within {timeout}s")
+    process, seconds = start([str(BIN / "itp-serve")], env, workdir, url, "/ready")
+    return process, f"{url}/v1/predict", seconds
+
+
+def mlflow_serve(workdir: Path, workers: int) -> tuple[subprocess.Popen[bytes], str, float]:
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}"}
+    url = f"http://127.0.0.1:{port}"
+    process, seconds = start(
+        [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}/1", "--env-manager",
+         "local", "-h", "127.0.0.1", "-p", str(port), "-w", str(workers)],
+        env, workdir, url, "/ping")
+    return process, f"{url}/invocations", seconds
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
@@ -120,71 +152,43 @@ def stop(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
-def timed_requests(client: httpx.Client, url: str, bodies: list[dict[str, Any]]
-                   ) -> list[float]:
-    """Sequential POSTs, one per body; milliseconds each. Any non-200 aborts the benchmark."""
-    times = []
-    for body in bodies:
-        started = time.perf_counter()
-        response = client.post(f"{url}/v1/predict", json=body)
-        times.append((time.perf_counter() - started) * 1000)
-        if response.status_code != 200:
-            sys.exit(f"/v1/predict answered {response.status_code}: {response.text[:500]}")
-    return times
+def drive(url: str, body: dict[str, Any], clients: int, seconds: float, workdir: Path
+          ) -> dict[str, float]:
+    """bench/load.py in its own process; req/s, p50, p99 (ms)."""
+    path = workdir / "body.json"
+    path.write_text(json.dumps(body))
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("load.py")), "--url",
+                           url, "--body", str(path), "--clients", str(clients), "--seconds",
+                           str(seconds)], capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout)
+    if result["errors"]:
+        sys.exit(f"{url}: {result['errors']} requests failed")
+    latencies = result["latencies_ms"]
+    return {"rps": len(latencies) / result["seconds"], "p50": percentile(latencies, 50),
+            "p99": percentile(latencies, 99), "n": len(latencies)}
 
 
-def median_ms(action: Callable[[], object], repeats: int) -> float:
-    """Median wall time of `action` in milliseconds, after one warm-up call."""
-    action()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        action()
-        times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times)
-
-
-def cost_split(bundle: Path, patients: list[dict[str, Any]], batch: int, repeats: int
-               ) -> list[tuple[str, float, float]]:
-    """Per-patient milliseconds of each stage, for 1 patient and for a batch, in-process."""
-    from service.model import inputs, load_model
-    from service.schemas import PredictRequest, PredictResponse
+def floor(bundle: Path, patients: list[dict[str, Any]], sizes: tuple[int, ...],
+          seconds: float) -> dict[int, dict[str, float]]:
+    """LoadedModel.predict in this process on validated patients: scoring, SHAP, warnings."""
+    from service.model import load_model
+    from service.schemas import Patient
     from service.settings import Settings
 
     model = load_model(Settings(model_uri=str(bundle), tracking_uri=None))
-    pipeline = model.explainer.pipeline
-    shap_explainer = model.explainer._explainer  # shap's own object: SHAP alone, as called
-    rows: list[tuple[str, float, float]] = []
-    per_size: dict[int, dict[str, float]] = {}
-    for size in (1, batch):
-        body = {"patients": patients[:size], "explain": True, "top_k": 10}
-        request = PredictRequest.model_validate(body)
-        X = inputs(request.patients)
-        aligned = pipeline.named_steps["align"].transform(X)
-        transformed = pipeline[:-1].transform(X)
-        predictions = model.predict(request.patients, True, 10, 0.5)
-        response = PredictResponse(model=model.ref, threshold=model.threshold,
-                                   predictions=predictions)
-        stages: dict[str, Callable[[], object]] = {
-            "validate request (pydantic)": lambda b=body: PredictRequest.model_validate(b),
-            "request -> raw frame (model_input)": lambda r=request: inputs(r.patients),
-            "pipeline: align taxa to genus": lambda x=X: pipeline.named_steps["align"]
-            .transform(x),
-            "pipeline: features (closure, filter, CLR, diversity, clinical)":
-                lambda a=aligned: pipeline.named_steps["features"].transform(a),
-            "SHAP values (explainer only)": lambda t=transformed: shap_explainer(t),
-            "unknown-taxa check": lambda r=request: [
-                pipeline.named_steps["align"].unknown_taxa(p.microbiome.counts)
-                for p in r.patients],
-            "LoadedModel.predict (frame, transform, SHAP, unknown taxa, warnings)":
-                lambda r=request: model.predict(r.patients, True, 10, 0.5),
-            "serialise response (pydantic)": lambda r=response: r.model_dump_json(),
-        }
-        per_size[size] = {name: median_ms(action, repeats) / size
-                          for name, action in stages.items()}
-    for name in per_size[1]:
-        rows.append((name, per_size[1][name], per_size[batch][name]))
-    return rows
+    result = {}
+    for size in sizes:
+        batch = [Patient.model_validate(p) for p in patients[:size]]
+        model.predict(batch, True, 10, 0.5)
+        times = []
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            model.predict(batch, True, 10, 0.5)
+            times.append((time.perf_counter() - started) * 1000)
+        result[size] = {"rps": 1000 / statistics.mean(times), "p50": percentile(times, 50),
+                        "p99": percentile(times, 99), "n": len(times)}
+    return result
 
 
 def main() -> None:
@@ -196,62 +200,71 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1,
                         help="CV repeats at training (not what is measured here)")
     parser.add_argument("--bootstrap", type=int, default=100)
-    parser.add_argument("--requests", type=int, default=200, help="single-patient requests")
-    parser.add_argument("--batch", type=int, default=100, help="patients per batch request")
-    parser.add_argument("--batch-requests", type=int, default=20)
+    parser.add_argument("--seconds", type=float, default=6.0, help="per load measurement")
+    parser.add_argument("--workers", type=int, default=1, help="server workers, both servers")
     parser.add_argument("--startups", type=int, default=3, help="cold starts to time")
-    parser.add_argument("--split-repeats", type=int, default=30,
-                        help="repetitions per stage of the in-process cost split")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="keep everything here instead of a temporary directory")
     args = parser.parse_args()
+    sizes = (1, 100, 1000)
 
     with tempfile.TemporaryDirectory(prefix="itp-bench-") as tmp:
         workdir = (args.workdir or Path(tmp)).resolve()
         workdir.mkdir(parents=True, exist_ok=True)
         data, bundle, chosen = prepare(workdir, args.patients, args.seed, args.families,
                                        args.repeats, args.bootstrap)
-        patients = patients_from_cohort(data, max(args.batch, 1))
-        single = [{"patients": [patients[i % len(patients)]], "explain": True, "top_k": 10}
-                  for i in range(args.requests)]
-        batch = {"patients": patients[:args.batch], "explain": True, "top_k": 10}
+        patients = patients_from_cohort(data, max(sizes))
+        ours_bodies = {n: {"patients": patients[:n], "explain": True, "top_k": 10}
+                       for n in sizes}
+        mlflow_bodies = {n: mlflow_body(patients[:n]) for n in sizes}
 
         startups = []
-        for _ in range(args.startups - 1):
-            process, _, seconds = start_service(bundle, workdir)
+        for _ in range(args.startups):
+            process, _, seconds = ours(bundle, workdir, args.workers)
             startups.append(seconds)
             stop(process)
-        process, url, seconds = start_service(bundle, workdir)
-        startups.append(seconds)
-        try:
-            rss_ready = proc_status_kib(process.pid, "VmRSS")
-            with httpx.Client(timeout=120) as client:
-                timed_requests(client, url, single[:5])  # warm-up
-                one = timed_requests(client, url, single)
-                many = timed_requests(client, url, [batch] * args.batch_requests)
-            peak = proc_status_kib(process.pid, "VmHWM")
-        finally:
-            stop(process)
-        split = cost_split(bundle, patients, args.batch, args.split_repeats)
+        rows: dict[tuple[str, int, int], dict[str, float]] = {}
+        for name, launch, bodies in (("ours (predict + SHAP)", ours, ours_bodies),
+                                     ("mlflow models serve (predict)", mlflow_serve,
+                                      mlflow_bodies)):
+            process, url, _ = (launch(bundle, workdir, args.workers) if launch is ours
+                               else launch(workdir, args.workers))
+            try:
+                for clients in (1, 4):
+                    for n in sizes:
+                        rows[name, clients, n] = drive(url, bodies[n], clients, args.seconds,
+                                                       workdir)
+                        print(name, clients, n, rows[name, clients, n], file=sys.stderr)
+            finally:
+                stop(process)
+        in_process = floor(bundle, patients, sizes, args.seconds)
 
-    print(f"\nService benchmark ({chosen} model, {args.patients}-patient simulated cohort)\n")
+    print(f"\nService benchmark ({chosen} model, {args.patients}-patient simulated cohort, "
+          f"{args.workers} worker(s) per server, {args.seconds:g} s per cell, load from a "
+          "separate process)\n")
     print(f"Environment: {environment(PACKAGES)}\n")
-    print("| measure | value |")
-    print("|---|---|")
-    print(f"| start-up to /ready (median of {len(startups)}; all: "
-          f"{', '.join(f'{s:.2f}' for s in startups)} s) | {statistics.median(startups):.2f} s |")
-    print(f"| 1 patient, explain, top_k=10: p50 / p95 ({len(one)} requests) | "
-          f"{percentile(one, 50):.1f} / {percentile(one, 95):.1f} ms |")
-    print(f"| {args.batch} patients, explain, top_k=10: p50 / p95 ({len(many)} requests) | "
-          f"{percentile(many, 50):.0f} / {percentile(many, 95):.0f} ms "
-          f"({percentile(many, 50) / args.batch:.2f} ms per patient) |")
-    print(f"| RSS when ready | {rss_ready / 1024:.0f} MiB |")
-    print(f"| peak RSS (VmHWM) after all requests | {peak / 1024:.0f} MiB |")
-    print(f"\nIn-process cost per patient (median of {args.split_repeats}, ms)\n")
-    print(f"| stage | 1 patient | batch of {args.batch} (per patient) |")
+    print("| server | clients | patients/request | req/s | patients/s | p50 ms | p99 ms |")
+    print("|---|---|---|---|---|---|---|")
+    for (name, clients, n), r in rows.items():
+        print(f"| {name} | {clients} | {n} | {r['rps']:.1f} | {r['rps'] * n:.0f} | "
+              f"{r['p50']:.2f} | {r['p99']:.2f} |")
+    for n, r in in_process.items():
+        print(f"| in-process floor (predict + SHAP) | 1 | {n} | {r['rps']:.1f} | "
+              f"{r['rps'] * n:.0f} | {r['p50']:.2f} | {r['p99']:.2f} |")
+    ours_name, theirs = "ours (predict + SHAP)", "mlflow models serve (predict)"
+    print("\n| ratio | value | target |")
     print("|---|---|---|")
-    for name, alone, batched in split:
-        print(f"| {name} | {alone:.2f} | {batched:.3f} |")
+    for n in sizes:
+        ratio = rows[ours_name, 4, n]["rps"] / rows[theirs, 4, n]["rps"]
+        print(f"| throughput ours / mlflow, 4 clients, {n} patient(s) | {ratio:.1f}x | "
+              f"{'>= 10x' if n == 1 else '-'} |")
+    print(f"| single-client p50 / p99, 1 patient | {rows[ours_name, 1, 1]['p50']:.2f} / "
+          f"{rows[ours_name, 1, 1]['p99']:.2f} ms | <= 3 / 10 ms |")
+    print(f"| batch of 1,000 over HTTP / in-process floor (p50) | "
+          f"{rows[ours_name, 1, 1000]['p50'] / in_process[1000]['p50']:.2f}x | <= 1.5x |")
+    print(f"| start-up to /ready (median of {len(startups)}: "
+          f"{', '.join(f'{s:.2f}' for s in startups)} s) | {statistics.median(startups):.2f} s "
+          "| <= 3 s |")
 
 
 if __name__ == "__main__":

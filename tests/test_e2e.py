@@ -335,7 +335,7 @@ def _bad(patient: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
         ("clinical.age_years", -4, "clinical.age_years", "greater than or equal"),
         ("clinical.age_years", "old", "clinical.age_years", "number"),
         ("clinical.sex", "unknown", "clinical.sex", "female"),
-        ("clinical.ldh", 200, "clinical.ldh", "Extra inputs"),
+        ("clinical.ldh", 200, "clinical[#", "Extra inputs"),  # unknown keys by position
         ("clinical.bleeding_score", "S9M1O0", "clinical", "ITP-BAT"),
         ("microbiome.counts", {}, "microbiome.counts", "at least 1 item"),
         ("microbiome.counts", {FAECALIBACTERIUM: 0}, "microbiome.counts", "no reads"),
