@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request, status
 from fastapi.exceptions import RequestValidationError
@@ -27,7 +27,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import errors
 from service.auth import AdminKey, ApiKey
 from service.loading import ModelSlot
-from service.model import LoadedModel
 from service.schemas import (
     ErrorResponse,
     Limits,
@@ -37,6 +36,9 @@ from service.schemas import (
     request_models,
 )
 from service.settings import Settings
+
+if TYPE_CHECKING:  # imported by the loader thread, after the server listens
+    from service.model import LoadedModel
 
 log = logging.getLogger("service")
 
@@ -59,7 +61,7 @@ def get_settings(request: Request) -> Settings:
 
 
 SlotDep = Annotated[ModelSlot, Depends(get_slot)]
-ModelDep = Annotated[LoadedModel, Depends(get_model)]
+ModelDep = Annotated[Any, Depends(get_model)]  # a LoadedModel (not imported at start-up)
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 PROBLEM = {"model": ValidationErrorResponse}

@@ -1,8 +1,9 @@
 """The serving model's slot: loaded in the background, swapped only when a new one is whole.
 
-The process answers `/health` from its first second whatever the registry does: the first
-load runs in a thread, retried with exponential backoff, and `/ready` says why it is not
-ready yet. A failed reload keeps the old model serving and is reported until one succeeds.
+The process answers `/health` from its first second whatever the registry does: the model
+stack is imported and the first load runs in a thread, retried with exponential backoff,
+and `/ready` says why it is not ready yet. A failed reload keeps the old model serving and
+is reported until one succeeds.
 """
 
 from __future__ import annotations
@@ -12,17 +13,19 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from service.model import LoadedModel, load_model
 from service.settings import Settings
+
+if TYPE_CHECKING:  # the model stack (mlflow, scikit-learn, xgboost) loads in the thread
+    from service.model import LoadedModel
 
 log = logging.getLogger("service")
 
 
 class ModelSlot:
     def __init__(self, settings: Settings,
-                 loader: Callable[[Settings], LoadedModel] = load_model) -> None:
+                 loader: Callable[[Settings], LoadedModel] | None = None) -> None:
         self.settings = settings
         self.loader = loader
         self.model: LoadedModel | None = None
@@ -56,6 +59,10 @@ class ModelSlot:
         with self._lock:
             self.attempts += 1
             try:
+                if self.loader is None:
+                    from service.model import load_model
+
+                    self.loader = load_model
                 model = self.loader(self.settings)
             except Exception as error:
                 self.error = f"{type(error).__name__}: {error}"
