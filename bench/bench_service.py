@@ -134,7 +134,8 @@ def ours(bundle: Path, workdir: Path, workers: int) -> tuple[subprocess.Popen[by
 
 def mlflow_serve(workdir: Path, workers: int) -> tuple[subprocess.Popen[bytes], str, float]:
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}",
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # it execs uvicorn
     url = f"http://127.0.0.1:{port}"
     process, seconds = start(
         [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}/1", "--env-manager",

@@ -10,7 +10,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import numpy as np
 import pandas as pd
 
@@ -27,7 +26,7 @@ from service.schemas import (
 )
 from service.scoring import CompiledModel
 from service.settings import Settings
-from training import registry
+from training.bundle import StoredModel, load_bundle
 from training.explain import Explanation as ShapResult
 from training.explain import display_name
 from training.features import feature_schema, model_input
@@ -39,7 +38,7 @@ log = logging.getLogger("service")
 
 @dataclass(frozen=True)
 class LoadedModel:
-    stored: registry.StoredModel
+    stored: StoredModel
     compiled: CompiledModel
 
     @property
@@ -204,13 +203,20 @@ def load_model(settings: Settings) -> LoadedModel:
     # an unreachable tracking server fails one attempt in seconds; the slot retries
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    if settings.tracking_uri:
-        _check_tracking_uri(settings.tracking_uri)
-        mlflow.set_tracking_uri(settings.tracking_uri)
-    stored = registry.load(settings.model_uri, settings.model_sha256,
-                           public_key=settings.bundle_public_key,
-                           check_registry=bool(settings.tracking_uri)
-                           and not settings.model_uri.startswith("models:/"))
+    if settings.tracking_uri or settings.model_uri.startswith("models:/"):
+        import mlflow  # only for the registry: a bundle alone loads without it
+
+        from training import registry
+
+        if settings.tracking_uri:
+            _check_tracking_uri(settings.tracking_uri)
+            mlflow.set_tracking_uri(settings.tracking_uri)
+        stored = registry.load(settings.model_uri, settings.model_sha256,
+                               public_key=settings.bundle_public_key,
+                               check_registry=bool(settings.tracking_uri))
+    else:
+        stored = load_bundle(Path(settings.model_uri), settings.model_sha256,
+                             public_key=settings.bundle_public_key)
     if stored.integrity == "self-attested":
         log.warning("bundle %s is checked only against its own bundle.json: set "
                     "ITP_MODEL_SHA256, ITP_BUNDLE_PUBLIC_KEY or MLFLOW_TRACKING_URI to verify "
