@@ -448,3 +448,21 @@ def test_tampered_model_is_never_served_and_a_failed_reload_keeps_the_old_one(
         assert predict(fresh, patients).status_code == 503
     finally:
         stop_server(fresh)
+
+
+def test_two_workers_serve_the_same_model(trained: Trained, tmp_path: Path) -> None:
+    """ITP_WORKERS=2: uvicorn worker processes, each building the app from the environment;
+    /v1/model never discloses where the bundle lies."""
+    env = trained.env(ITP_MODEL_URI=str(trained.bundle), ITP_WORKERS="2")
+    env.pop("MLFLOW_TRACKING_URI")
+    server = start_server([str(BIN / "itp-serve")], env, cwd=tmp_path, log=tmp_path / "w.log")
+    try:
+        patients, frame = patients_from_cohort(trained.data, 5)
+        expected = registry.load(str(trained.bundle)).model.predict_proba(frame)[:, 1]
+        for _ in range(6):  # requests land on either worker
+            served = [p["probability"] for p in predict(server, patients).json()["predictions"]]
+            np.testing.assert_allclose(served, expected, atol=1e-9)
+        info = httpx.get(f"{server.url}/v1/model").json()
+        assert "source" not in info and str(trained.bundle) not in json.dumps(info)
+    finally:
+        stop_server(server)
