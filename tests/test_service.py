@@ -130,6 +130,8 @@ CORPUS: list[tuple[str, Any, int, str | None]] = [
     ("an id too long", lambda p: {"patients": [_with(p, "patient_id", SECRET * 20)]}, 422,
      "patient_id"),
     ("no patients", lambda p: {"patients": []}, 422, "patients"),
+    ("more patients than ITP_MAX_BATCH", lambda p: {"patients": [
+        {**p, "patient_id": f"p{i}"} for i in range(1001)]}, 422, "patients"),
     ("a list body", lambda p: [p], 422, "body"),
     ("deep nesting", lambda p: b"[" * 100_000 + b"]" * 100_000, 400, "body"),
     ("truncated JSON", lambda p: json.dumps({"patients": [p]}).encode()[:-7], 400, "body"),
