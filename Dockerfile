@@ -1,26 +1,42 @@
 # ITP treatment-response service. Serves a bundle mounted at /models/itp-response
 # (default), or a registered model: -e ITP_MODEL_URI=models:/itp-response@champion
 # -e MLFLOW_TRACKING_URI=http://tracking:5000
-FROM python:3.11-slim
 
-ENV PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1 \
-    PIP_NO_CACHE_DIR=1 \
+# --- build: dependencies first, so an edit of the code does not reinstall them ---------------
+FROM python:3.11-slim AS build
+
+ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-WORKDIR /app
+WORKDIR /src
 COPY pyproject.toml README.md ./
+RUN python -m venv /opt/venv \
+    && mkdir -p training service \
+    && touch training/__init__.py service/__init__.py \
+    && /opt/venv/bin/pip install --no-cache-dir . \
+    && /opt/venv/bin/pip uninstall --yes itp-response
 COPY training ./training
 COPY service ./service
-RUN pip install --no-cache-dir . \
-    && useradd --create-home --uid 10001 --shell /usr/sbin/nologin itp
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps .
+
+# --- runtime: the virtual environment only, a non-root user, nothing written outside /tmp ---
+FROM python:3.11-slim
+
+COPY --from=build /opt/venv /opt/venv
+RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin itp
 
 USER 10001
-ENV ITP_MODEL_URI=/models/itp-response \
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    ITP_MODEL_URI=/models/itp-response \
     ITP_HOST=0.0.0.0 \
     ITP_PORT=8000 \
-    MPLCONFIGDIR=/tmp/matplotlib
+    MLFLOW_DISABLE_TELEMETRY=true \
+    MPLCONFIGDIR=/tmp/matplotlib \
+    XDG_CACHE_HOME=/tmp/cache
 EXPOSE 8000
+# Healthy means ready to score (a model is loaded), on whatever port ITP_PORT says.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/ready' % os.environ.get('ITP_PORT', '8000'), timeout=4)"]
 CMD ["itp-serve"]

@@ -198,7 +198,7 @@ def _unit(feature: str) -> str | None:
 
 
 def load_model(settings: Settings) -> LoadedModel:
-    """Fetch, verify and deserialise the configured model, and build its explainer."""
+    """Fetch, verify and deserialise the configured model, and compile its scoring path."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # an unreachable tracking server fails one attempt in seconds; the slot retries
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")

@@ -19,12 +19,22 @@ def test_hadolint_finds_nothing() -> None:
     assert completed.returncode == 0, completed.stdout + completed.stderr
 
 
-def test_slim_base_non_root_user_and_healthcheck_on_health() -> None:
+def test_slim_base_non_root_user_and_healthcheck_on_ready_at_itp_port() -> None:
     assert re.search(r"^FROM python:3\.\d+-slim", DOCKERFILE, re.MULTILINE)
     users = re.findall(r"^USER\s+(\S+)", DOCKERFILE, re.MULTILINE)
     assert users and users[-1] not in {"root", "0"}
-    assert re.search(r"^HEALTHCHECK .*\n?.*/health", DOCKERFILE, re.MULTILINE)
+    check = re.search(r"^HEALTHCHECK .*\n?.*", DOCKERFILE, re.MULTILINE)
+    assert check and "/ready" in check.group(0) and "ITP_PORT" in check.group(0)
     assert 'CMD ["itp-serve"]' in DOCKERFILE
+
+
+def test_dependencies_are_installed_before_the_code_is_copied() -> None:
+    """A code edit must not invalidate the dependency layer; runtime writes only to /tmp."""
+    dependencies = DOCKERFILE.index("pip install --no-cache-dir .")
+    assert dependencies < DOCKERFILE.index("COPY training") < DOCKERFILE.index("--no-deps")
+    assert len(re.findall(r"^FROM ", DOCKERFILE, re.MULTILINE)) == 2  # build and runtime
+    assert "MLFLOW_DISABLE_TELEMETRY=true" in DOCKERFILE
+    assert "MPLCONFIGDIR=/tmp/" in DOCKERFILE and "XDG_CACHE_HOME=/tmp/" in DOCKERFILE
 
 
 def test_image_serves_a_mounted_bundle_by_default_and_copies_no_data() -> None:
