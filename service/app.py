@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import errors
+from service import errors, metrics
 from service.auth import AdminKey, ApiKey
 from service.loading import ModelSlot
 from service.schemas import (
@@ -159,12 +159,19 @@ def create_app(settings: Settings | None = None, slot: ModelSlot | None = None) 
         log.warning("NO API KEYS ARE SET: /v1/* answer anyone who can reach this port. Set "
                     "ITP_API_KEYS or ITP_API_KEYS_FILE before serving patient data.")
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(metrics.RequestMetrics)  # outermost: 413s are counted too
     app.add_exception_handler(errors.ClientError, _client_error)
     app.add_exception_handler(RequestValidationError, _request_error)
 
     @app.get("/health", tags=["operations"], summary="Process is alive (liveness)")
     def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics (no key needed: "
+             "counts and timings only, never patient data)",
+             response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+    def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type=metrics.CONTENT_TYPE)
 
     @app.get("/ready", tags=["operations"], summary="A model is loaded and serving (readiness)",
              responses={503: {"description": "No model loaded yet, and why"}})
@@ -239,6 +246,12 @@ def _predict(body: bytes, predict_request: type, model: LoadedModel,
                                  max(0, len(problems) - errors.MAX_PROBLEMS))
     threshold = config.threshold if config.threshold is not None else model.threshold
     predictions = model.predict(request.patients, request.explain, request.top_k, threshold)
+    metrics.PATIENTS.inc(len(predictions))
+    if request.explain:
+        metrics.EXPLANATIONS.inc(len(predictions))
+    for prediction in predictions:
+        for warning in prediction.warnings:
+            metrics.WARNINGS.labels(warning.code).inc()
     response = PredictResponse(model=model.ref, threshold=threshold, predictions=predictions)
     return Response(response.model_dump_json(), media_type="application/json")
 

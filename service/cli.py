@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -16,6 +17,10 @@ def main() -> None:
     threads = max(1, (os.cpu_count() or 1) // settings.workers)
     for variable in THREAD_VARIABLES:
         os.environ.setdefault(variable, str(threads))
+
+    if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # each worker writes its metrics here; /metrics adds them up (service/metrics.py)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="itp-metrics-")
 
     import uvicorn
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from service import metrics
 from service.settings import Settings
 
 if TYPE_CHECKING:  # the model stack (mlflow, scikit-learn, xgboost) loads in the thread
@@ -65,12 +66,18 @@ class ModelSlot:
                     self.loader = load_model
                 model = self.loader(self.settings)
             except Exception as error:
+                metrics.LOADS.labels("failed").inc()
                 self.error = f"{type(error).__name__}: {error}"
                 self.failed_at = datetime.now(UTC).isoformat(timespec="seconds")
                 log.error("model load from %s failed, %s: %s", self.settings.model_uri,
                           "keeping the current model" if self.model else "not ready", self.error)
                 raise
+            previous = self.model.stored if self.model else None
             self.model, self.error, self.failed_at, self.next_attempt = model, None, None, None
+            metrics.LOADS.labels("loaded").inc()
+            metrics.served(model.stored.name, model.stored.version, model.stored.digest,
+                           (previous.name, previous.version, previous.digest) if previous
+                           else None)
             log.info("serving %s version %s (sha256 %s..., integrity: %s)", model.stored.name,
                      model.stored.version, model.stored.digest[:12], model.integrity)
             return model

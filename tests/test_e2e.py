@@ -464,5 +464,11 @@ def test_two_workers_serve_the_same_model(trained: Trained, tmp_path: Path) -> N
             np.testing.assert_allclose(served, expected, atol=1e-9)
         info = httpx.get(f"{server.url}/v1/model").json()
         assert "source" not in info and str(trained.bundle) not in json.dumps(info)
+        # /metrics adds up both workers' samples, whichever answers the scrape
+        for _ in range(3):
+            scraped = httpx.get(f"{server.url}/metrics").text
+            line = next(row for row in scraped.splitlines()
+                        if row.startswith("itp_patients_scored_total "))
+            assert float(line.split()[1]) == 6 * len(patients)
     finally:
         stop_server(server)

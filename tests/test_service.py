@@ -421,3 +421,48 @@ def test_exported_bundles_are_readable_by_the_service_user(trained: Trained) -> 
     modes = {path.name: path.stat().st_mode & 0o777 for path in trained.bundle.rglob("*")}
     assert trained.bundle.stat().st_mode & 0o777 == 0o755
     assert modes and all(mode == 0o644 for mode in modes.values()), modes
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+
+def _samples(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith(
+        "text/plain")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(response.text)
+            for s in family.samples}
+
+
+def test_metrics_count_requests_patients_explanations_warnings_and_loads(
+        client: TestClient, patient: dict[str, Any]) -> None:
+    before = _samples(client)
+    unknown = _with(patient, f"microbiome.counts.{TAXON};s__unknownspecies_zz", 10)
+    unknown["microbiome"]["counts"]["d__Bacteria;p__Firmicutes;g__Novelgenus"] = 100
+    assert _post(client, {"patients": [patient, {**unknown, "patient_id": "other"}]}
+                 ).status_code == 200
+    assert _post(client, {"patients": [patient]} | {"explain": False}).status_code == 200
+    assert _post(client, b"{").status_code == 400
+    after = _samples(client)
+
+    def delta(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    ok = {"route": "/v1/predict", "method": "POST", "status": "200"}
+    assert delta("itp_http_requests_total", **ok) == 2
+    assert delta("itp_http_requests_total", **(ok | {"status": "400"})) == 1
+    assert delta("itp_http_request_duration_seconds_count", route="/v1/predict",
+                 method="POST") == 3
+    assert delta("itp_patients_scored_total") == 3
+    assert delta("itp_explanations_total") == 2
+    assert delta("itp_prediction_warnings_total", code="unknown_taxa") == 1
+    assert after[("itp_model_loads_total", (("outcome", "loaded"),))] >= 1
+    served = [labels for (name, labels), value in after.items()
+              if name == "itp_model_info" and value == 1]
+    assert served and dict(served[0])["version"] == "1"
+    text = client.get("/metrics").text
+    assert "other" not in text and "Novelgenus" not in text  # never a patient's data
