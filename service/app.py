@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import errors, metrics
+from service import errors, loading, metrics
 from service.auth import AdminKey, ApiKey
 from service.loading import ModelSlot
 from service.schemas import (
@@ -48,12 +48,11 @@ def get_slot(request: Request) -> ModelSlot:
 
 
 def get_model(slot: Annotated[ModelSlot, Depends(get_slot)]) -> LoadedModel:
-    if slot.model is None:
-        failure = slot.failure()
+    model = slot.model  # one read: a load may swap it meanwhile
+    if model is None:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
-                            detail="no model loaded: " + (failure["error"] if failure
-                                                          else "loading"))
-    return slot.model
+                            detail="no model loaded yet; GET /ready says why")
+    return model
 
 
 def get_settings(request: Request) -> Settings:
@@ -164,7 +163,7 @@ def create_app(settings: Settings | None = None, slot: ModelSlot | None = None) 
     app.add_exception_handler(RequestValidationError, _request_error)
 
     @app.get("/health", tags=["operations"], summary="Process is alive (liveness)")
-    def health() -> dict[str, str]:
+    async def health() -> dict[str, str]:  # async: never queued behind scoring threads
         return {"status": "ok"}
 
     @app.get("/metrics", tags=["operations"], summary="Prometheus metrics (no key needed: "
@@ -175,28 +174,28 @@ def create_app(settings: Settings | None = None, slot: ModelSlot | None = None) 
 
     @app.get("/ready", tags=["operations"], summary="A model is loaded and serving (readiness)",
              responses={503: {"description": "No model loaded yet, and why"}})
-    def ready(slot: SlotDep) -> JSONResponse:
-        failure = slot.failure()
-        if slot.model is None:
+    async def ready(slot: SlotDep) -> JSONResponse:
+        model, failure = slot.model, slot.failure()
+        if model is None:
             return JSONResponse({"status": "not ready", "reason": failure["error"] if failure
                                  else "loading", "last_failure": failure}, status_code=503)
-        return JSONResponse({"status": "ready", "model": slot.model.ref.model_dump(),
+        return JSONResponse({"status": "ready", "model": model.ref.model_dump(),
                              "last_reload_failure": failure})
 
     @app.get("/v1/model", tags=["model"], response_model=ModelInfo,
              summary="The served model: version, run, CV metrics, feature schema",
-             responses={401: PREDICT_RESPONSES[401], 503: PREDICT_RESPONSES[503]})
-    def model_info(model: ModelDep, slot: SlotDep, _: ApiKey) -> ModelInfo:
+             responses={401: PREDICT_RESPONSES[401], 503: PREDICT_RESPONSES[503]},
+             dependencies=[ApiKey])
+    def model_info(model: ModelDep, slot: SlotDep) -> ModelInfo:
         return model.info(last_reload_failure=slot.failure())
 
     @app.post("/v1/predict", tags=["model"], response_model=PredictResponse,
               summary="Predict response for one or more patients",
-              responses=PREDICT_RESPONSES,
+              responses=PREDICT_RESPONSES, dependencies=[ApiKey],
               openapi_extra={"requestBody": {"required": True, "content": {
                   "application/json": {"schema": {
                       "$ref": "#/components/schemas/PredictRequest"}}}}})
-    async def predict(request: Request, model: ModelDep, config: SettingsDep,
-                      _: ApiKey) -> Response:
+    async def predict(request: Request, model: ModelDep, config: SettingsDep) -> Response:
         media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media_type != "application/json":
             raise errors.ClientError(status.HTTP_415_UNSUPPORTED_MEDIA_TYPE, [errors.problem(
@@ -211,14 +210,14 @@ def create_app(settings: Settings | None = None, slot: ModelSlot | None = None) 
                          403: {"model": ErrorResponse, "description": "Reload disabled: no "
                                "ITP_ADMIN_KEY set"},
                          503: {"model": ErrorResponse, "description": "Load failed; the "
-                               "previous model keeps serving"}})
-    def reload(slot: SlotDep, _: AdminKey) -> ModelInfo:
+                               "previous model keeps serving"}}, dependencies=[AdminKey])
+    def reload(slot: SlotDep) -> ModelInfo:
         try:
             return slot.load().info()
         except Exception as error:
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
                                 detail=f"reload failed, previous model still serving: "
-                                       f"{slot.error}") from error
+                                       f"{loading.describe(error)}") from error
 
     app.openapi = lambda: _openapi(app, predict_request)  # type: ignore[method-assign]
     return app

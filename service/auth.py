@@ -17,9 +17,11 @@ bearer = HTTPBearer(auto_error=False, description="An API key as a bearer token.
 api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
                               description="An API key (alternative to the bearer token).")
 
-UNAUTHORISED = HTTPException(status.HTTP_401_UNAUTHORIZED,
-                             detail="missing or invalid credentials",
-                             headers={"WWW-Authenticate": "Bearer"})
+def unauthorised() -> HTTPException:
+    """A new exception each time: one shared instance would keep every raise's traceback
+    (and the request in it) alive."""
+    return HTTPException(status.HTTP_401_UNAUTHORIZED, detail="missing or invalid credentials",
+                         headers={"WWW-Authenticate": "Bearer"})
 
 
 def matches(supplied: str | None, keys: list[bytes]) -> bool:
@@ -44,7 +46,7 @@ def require_api_key(
 ) -> None:
     keys: list[bytes] = request.app.state.api_keys
     if keys and not matches(_supplied(credentials, header), keys):
-        raise UNAUTHORISED
+        raise unauthorised()
 
 
 def require_admin_key(
@@ -57,8 +59,8 @@ def require_admin_key(
         raise HTTPException(status.HTTP_403_FORBIDDEN,
                             detail="reload is disabled: no ITP_ADMIN_KEY is set")
     if not matches(_supplied(credentials, header), [token.get_secret_value().encode()]):
-        raise UNAUTHORISED
+        raise unauthorised()
 
 
-ApiKey = Annotated[None, Depends(require_api_key)]
-AdminKey = Annotated[None, Depends(require_admin_key)]
+ApiKey = Depends(require_api_key)  # route-level: checked before anything else is resolved
+AdminKey = Depends(require_admin_key)

@@ -9,9 +9,11 @@ is reported until one succeeds.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -24,18 +26,39 @@ if TYPE_CHECKING:  # the model stack (mlflow, scikit-learn, xgboost) loads in th
 log = logging.getLogger("service")
 
 
+CREDENTIALS = re.compile(r"(\w+://)[^/@\s]+@")  # user:password@ in a tracking URI
+
+
+def describe(error: Exception) -> str:
+    """An error as reported by /ready and /v1/model: type and message, credentials cut."""
+    return CREDENTIALS.sub(r"\1***@", f"{type(error).__name__}: {error}")
+
+
+@dataclass(frozen=True)
+class Failure:
+    """The last failed load, replaced whole so that readers never see half an update."""
+
+    error: str
+    at: str
+    attempts: int
+    next_attempt: float | None = None  # monotonic time of the next retry, at start-up
+
+
 class ModelSlot:
     def __init__(self, settings: Settings,
                  loader: Callable[[Settings], LoadedModel] | None = None) -> None:
         self.settings = settings
         self.loader = loader
         self.model: LoadedModel | None = None
-        self.error: str | None = None  # why the last attempt failed
-        self.failed_at: str | None = None
+        self.last_failure: Failure | None = None
         self.attempts = 0
-        self.next_attempt: float | None = None  # monotonic time of the next retry
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one load at a time; readers never take it
         self._stop = threading.Event()
+
+    @property
+    def error(self) -> str | None:
+        failure = self.last_failure
+        return failure.error if failure else None
 
     def start(self) -> None:
         """Load in the background until a model serves (or `stop`)."""
@@ -51,7 +74,10 @@ class ModelSlot:
                 self.load()
                 return
             except Exception:  # recorded by load(); retried
-                self.next_attempt = time.monotonic() + delay
+                failure = self.last_failure
+                if failure is not None:
+                    self.last_failure = replace(failure,
+                                                next_attempt=time.monotonic() + delay)
                 self._stop.wait(delay)
                 delay = min(2 * delay, self.settings.load_retry_max_seconds)
 
@@ -67,13 +93,15 @@ class ModelSlot:
                 model = self.loader(self.settings)
             except Exception as error:
                 metrics.LOADS.labels("failed").inc()
-                self.error = f"{type(error).__name__}: {error}"
-                self.failed_at = datetime.now(UTC).isoformat(timespec="seconds")
+                self.last_failure = Failure(describe(error),
+                                            datetime.now(UTC).isoformat(timespec="seconds"),
+                                            self.attempts)
                 log.error("model load from %s failed, %s: %s", self.settings.model_uri,
-                          "keeping the current model" if self.model else "not ready", self.error)
+                          "keeping the current model" if self.model else "not ready",
+                          self.last_failure.error)
                 raise
             previous = self.model.stored if self.model else None
-            self.model, self.error, self.failed_at, self.next_attempt = model, None, None, None
+            self.model, self.last_failure = model, None
             metrics.LOADS.labels("loaded").inc()
             metrics.served(model.stored.name, model.stored.version, model.stored.digest,
                            (previous.name, previous.version, previous.digest) if previous
@@ -83,10 +111,11 @@ class ModelSlot:
             return model
 
     def failure(self) -> dict[str, Any] | None:
-        """The last failed load, while it is the latest word."""
-        if self.error is None:
+        """The last failed load, while it is the latest word (one read of the state)."""
+        failure, model = self.last_failure, self.model
+        if failure is None:
             return None
-        retry = (max(0.0, round(self.next_attempt - time.monotonic(), 1))
-                 if self.next_attempt is not None and self.model is None else None)
-        return {"error": self.error, "at": self.failed_at, "attempts": self.attempts,
+        retry = (max(0.0, round(failure.next_attempt - time.monotonic(), 1))
+                 if failure.next_attempt is not None and model is None else None)
+        return {"error": failure.error, "at": failure.at, "attempts": failure.attempts,
                 "next_attempt_in_s": retry}

@@ -40,6 +40,7 @@ MODEL = Gauge("itp_model_info", "The model being served (1) and those it replace
 LOADS = Counter("itp_model_loads_total", "Model loads and reloads, by outcome.", ["outcome"])
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+METHODS = frozenset({"GET", "POST", "HEAD", "OPTIONS"})  # a label never takes a client's text
 
 
 def exposition() -> bytes:
@@ -83,5 +84,6 @@ class RequestMetrics:
         finally:
             route = scope.get("route")
             path = getattr(route, "path", "unmatched")
-            REQUESTS.labels(path, scope["method"], str(status)).inc()
-            LATENCY.labels(path, scope["method"]).observe(time.perf_counter() - started)
+            method = scope["method"] if scope["method"] in METHODS else "OTHER"
+            REQUESTS.labels(path, method, str(status)).inc()
+            LATENCY.labels(path, method).observe(time.perf_counter() - started)

@@ -26,7 +26,7 @@ from service.schemas import (
 )
 from service.scoring import CompiledModel
 from service.settings import Settings
-from training.bundle import StoredModel, load_bundle
+from training.bundle import ModelIntegrityError, StoredModel, load_bundle
 from training.explain import Explanation as ShapResult
 from training.explain import display_name
 from training.features import feature_schema, model_input
@@ -203,6 +203,10 @@ def load_model(settings: Settings) -> LoadedModel:
     # an unreachable tracking server fails one attempt in seconds; the slot retries
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    if settings.bundle_public_key is not None and settings.model_uri.startswith("models:/"):
+        raise ModelIntegrityError("ITP_BUNDLE_PUBLIC_KEY is set, so only signed bundles are "
+                                  "served; export one with `itp-train export --sign-key` and "
+                                  "point ITP_MODEL_URI at it")
     if settings.tracking_uri or settings.model_uri.startswith("models:/"):
         import mlflow  # only for the registry: a bundle alone loads without it
 

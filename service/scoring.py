@@ -70,6 +70,9 @@ class CompiledModel:
         self.detection = float(features.named_transformers_["diversity"].detection)
         encoder = features.named_transformers_["clinical"]
         self.clinical_names = [str(n) for n in encoder.get_feature_names_out()]
+        unknown = [n for n in self.clinical_names if not _compilable(n)]
+        if unknown:  # fail at load, not on every request
+            raise TypeError(f"cannot compile the clinical features {unknown}")
         vocabulary = np.asarray(aligner.vocabulary_, dtype=object)
         layout = [*vocabulary[self.kept], *DIVERSITY, *self.clinical_names]
         if [str(n) for n in features.get_feature_names_out()] != layout:
@@ -217,3 +220,10 @@ class CompiledModel:
         matched = np.divide(reads.sum(axis=1), totals, out=np.zeros(n), where=totals > 0)
         return Scored(explanation, expit(self.shift + self.scale * self.margin(values)),
                       np.clip(matched, 0.0, 1.0), unknown)
+
+
+def _compilable(name: str) -> bool:
+    """Whether `CompiledModel._clinical` knows how to compute a clinical feature."""
+    field = CLINICAL_BY_NAME.get(name)
+    return (name.startswith(("treatment=", "phase=")) or name in ("sex=male", "bleeding_severity")
+            or (field is not None and field.kind in (Kind.NUMBER, Kind.BOOLEAN)))

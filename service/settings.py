@@ -72,6 +72,9 @@ class Settings(BaseSettings):
         """Every accepted API key, from the environment and the secrets file."""
         keys = [k.get_secret_value() for k in self.api_keys]
         if self.api_keys_file is not None:
-            keys += [line.strip() for line in self.api_keys_file.read_text().splitlines()
-                     if line.strip() and not line.startswith("#")]
+            lines = [line.strip() for line in self.api_keys_file.read_text().splitlines()]
+            from_file = [line for line in lines if line and not line.startswith("#")]
+            if not from_file:  # a secret not mounted yet must not open the service
+                raise ValueError(f"ITP_API_KEYS_FILE {self.api_keys_file} holds no key")
+            keys += from_file
         return [k.encode() for k in keys]

@@ -466,3 +466,42 @@ def test_metrics_count_requests_patients_explanations_warnings_and_loads(
     assert served and dict(served[0])["version"] == "1"
     text = client.get("/metrics").text
     assert "other" not in text and "Novelgenus" not in text  # never a patient's data
+
+
+def test_a_strange_http_method_never_becomes_a_metric_label(client: TestClient) -> None:
+    assert client.request("BREW", "/health").status_code == 405
+    assert 'method="BREW"' not in client.get("/metrics").text
+    assert 'method="OTHER"' in client.get("/metrics").text
+
+
+def test_keys_are_checked_before_anything_else(trained: Trained, tmp_path: Path) -> None:
+    """Without a key, a caller learns nothing: 401 even while no model is loaded."""
+    release = threading.Event()
+
+    def stuck(settings: Settings) -> LoadedModel:
+        release.wait(30)
+        return load_model(settings)
+
+    settings = Settings(model_uri=str(trained.bundle), tracking_uri=None, api_keys=KEY)
+    with serving(settings, ModelSlot(settings, stuck), ready=False) as client:
+        assert client.get("/v1/model").status_code == 401
+        assert client.post("/v1/predict", content=b"{}").status_code == 401
+        unready = client.get("/v1/model", headers={"x-api-key": KEY})
+        assert unready.status_code == 503 and "/ready" in unready.json()["detail"]
+        release.set()
+
+
+def test_an_empty_keys_file_refuses_to_start(trained: Trained, tmp_path: Path) -> None:
+    empty = tmp_path / "keys"
+    empty.write_text("  # not mounted yet\n\n")
+    with pytest.raises(ValueError, match="holds no key"):
+        create_app(Settings(model_uri=str(trained.bundle), tracking_uri=None,
+                            api_keys_file=empty))
+
+
+def test_a_signing_key_refuses_registry_uris(trained: Trained, tmp_path: Path) -> None:
+    _, public = _keypair(tmp_path)
+    settings = Settings(model_uri="models:/itp-response@champion",
+                        tracking_uri=trained.tracking_uri, bundle_public_key=public)
+    with pytest.raises(registry.ModelIntegrityError, match="only signed bundles"):
+        load_model(settings)

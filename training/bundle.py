@@ -74,10 +74,14 @@ class StoredModel:
 
 def digest(directory: Path) -> str:
     """SHA-256 over the files that define the model (MLflow adds others when downloading)."""
+    return _digest({name: (directory / name).read_bytes() for name in DIGESTED_FILES})
+
+
+def _digest(files: dict[str, bytes]) -> str:
     outer = hashlib.sha256()
     for name in DIGESTED_FILES:
         outer.update(name.encode())
-        outer.update(hashlib.sha256((directory / name).read_bytes()).digest())
+        outer.update(hashlib.sha256(files[name]).digest())
     return outer.hexdigest()
 
 
@@ -153,18 +157,20 @@ def load_directory(
     expected: str | None,
     integrity: str,
 ) -> StoredModel:
-    actual = digest(directory)
+    # read once: what is hashed is what is loaded, whatever happens on disk meanwhile
+    files = {name: (directory / name).read_bytes() for name in DIGESTED_FILES}
+    actual = _digest(files)
     if recorded is None:
         raise ModelIntegrityError(f"{source}: no recorded {DIGEST_TAG}; refusing to load an "
                                   f"unverifiable model (register it with itp-train)")
     for label, wanted in (("recorded", recorded), ("pinned", expected)):
         if wanted is not None and wanted != actual:
             raise ModelIntegrityError(f"{source}: model files do not match the {label} digest")
-    model = skops.io.load(directory / MODEL_FILE, trusted=TRUSTED_TYPES)
+    model = skops.io.loads(files[MODEL_FILE], trusted=TRUSTED_TYPES)
     if not isinstance(model, ResponseModel):
         raise ModelIntegrityError(f"{source}: not a ResponseModel ({type(model).__name__}); "
                                   f"retrain it with this version of itp-train")
-    mlmodel = yaml.safe_load((directory / "MLmodel").read_text())  # MLflow's own format
+    mlmodel = yaml.safe_load(files["MLmodel"])  # MLflow's own format
     return StoredModel(
         model=model,
         name=name,
