@@ -55,11 +55,6 @@ class ModelSlot:
         self._lock = threading.Lock()  # one load at a time; readers never take it
         self._stop = threading.Event()
 
-    @property
-    def error(self) -> str | None:
-        failure = self.last_failure
-        return failure.error if failure else None
-
     def start(self) -> None:
         """Load in the background until a model serves (or `stop`)."""
         threading.Thread(target=self._until_loaded, name="model-loader", daemon=True).start()
