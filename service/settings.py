@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -57,6 +57,19 @@ class Settings(BaseSettings):
         None, validation_alias=AliasChoices("ITP_ADMIN_KEY", "ITP_ADMIN_TOKEN"),
         description="Key for POST /v1/model/reload, apart from the API keys; reload is off "
                     "when unset.")
+    poll_seconds: float = Field(
+        30.0, ge=0, description="For models:/<name>@<alias>: how often to ask the registry "
+                                "where the alias points, in seconds; 0 turns polling off.")
+    webhook_secret: SecretStr | None = Field(
+        None, description="Shared secret of MLflow's registry webhook: POST /v1/webhooks/mlflow "
+                          "accepts only deliveries whose X-MLflow-Signature (HMAC-SHA256) it "
+                          "verifies; the endpoint is off when unset.")
+    webhook_max_age_seconds: int = Field(
+        300, ge=1, description="Webhook deliveries whose X-MLflow-Timestamp is older (or "
+                               "further in the future) than this are refused as replays.")
+    log_format: Literal["json", "text"] = Field(
+        "json", description="json: one JSON object per line (request id, route, status, "
+                            "latency, model version; never a payload); text: for a terminal.")
     load_retry_max_seconds: float = Field(
         60.0, gt=0, description="Longest wait between attempts to load the model at start-up "
                                 "(exponential backoff from 1 s).")
