@@ -36,6 +36,7 @@ from training.evaluation import (
 )
 from training.explain import ShapExplainer
 from training.features import feature_schema, model_input
+from training.golden import GOLDEN_KEY, golden_record
 from training.model import DEFAULT_FAMILIES, FAMILIES, PRESETS, FeatureConfig
 from training.outcomes import DEFAULT_WINDOWS, derive_outcomes, target, without_rare_treatments
 from training.schema import SUBJECT_ID
@@ -206,6 +207,7 @@ def train(config: TrainConfig) -> TrainResult:
             "threshold": model.threshold_,
             "warnings": warnings,
             "feature_schema": schema,
+            GOLDEN_KEY: golden_record(model, X),  # re-scored by the service before it serves
         }
         info = registry.log_model(model, X, model_info)
         with tempfile.TemporaryDirectory() as tmp:
