@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import errors, loading, metrics
+from service import errors, loading, metrics, webhook
 from service.auth import AdminKey, ApiKey
 from service.loading import ModelSlot
 from service.schemas import (
@@ -33,6 +33,7 @@ from service.schemas import (
     ModelInfo,
     PredictResponse,
     ValidationErrorResponse,
+    WebhookAnswer,
     request_models,
 )
 from service.settings import Settings
@@ -180,6 +181,7 @@ def create_app(settings: Settings | None = None, slot: ModelSlot | None = None) 
             return JSONResponse({"status": "not ready", "reason": failure["error"] if failure
                                  else "loading", "last_failure": failure}, status_code=503)
         return JSONResponse({"status": "ready", "model": model.ref.model_dump(),
+                             "checks": model.checks, "follow": slot.following(),
                              "last_reload_failure": failure})
 
     @app.get("/v1/model", tags=["model"], response_model=ModelInfo,
@@ -187,7 +189,7 @@ def create_app(settings: Settings | None = None, slot: ModelSlot | None = None) 
              responses={401: PREDICT_RESPONSES[401], 503: PREDICT_RESPONSES[503]},
              dependencies=[ApiKey])
     def model_info(model: ModelDep, slot: SlotDep) -> ModelInfo:
-        return model.info(last_reload_failure=slot.failure())
+        return model.info(last_reload_failure=slot.failure(), follow=slot.following())
 
     @app.post("/v1/predict", tags=["model"], response_model=PredictResponse,
               summary="Predict response for one or more patients",
@@ -219,8 +221,62 @@ def create_app(settings: Settings | None = None, slot: ModelSlot | None = None) 
                                 detail=f"reload failed, previous model still serving: "
                                        f"{loading.describe(error)}") from error
 
+    if settings.webhook_secret is not None:  # off (404) without a secret
+        _webhook_route(app, settings)
+
     app.openapi = lambda: _openapi(app, predict_request)  # type: ignore[method-assign]
     return app
+
+
+def _webhook_route(app: FastAPI, settings: Settings) -> None:
+    """POST /v1/webhooks/mlflow: MLflow's registry webhook (service/webhook.py)."""
+    assert settings.webhook_secret is not None
+    secret = settings.webhook_secret.get_secret_value().encode()
+    replays = webhook.Replays()
+    ignored = {"model": WebhookAnswer, "description": "Verified, nothing to do (the reason "
+               "says why: another event, model or alias, or a repeated delivery)"}
+
+    @app.post("/v1/webhooks/mlflow", tags=["operations"], response_model=WebhookAnswer,
+              status_code=status.HTTP_202_ACCEPTED,
+              summary="MLflow registry webhook: the followed alias moved",
+              description="For MLflow's `model_version_alias.created` event. Needs no API "
+                          "key: the delivery's HMAC-SHA256 signature (`X-MLflow-Signature`, "
+                          "with the shared ITP_WEBHOOK_SECRET, over `X-MLflow-Delivery-Id`, "
+                          "`X-MLflow-Timestamp` and the body) is its authentication, and a "
+                          "timestamp more than ITP_WEBHOOK_MAX_AGE_SECONDS away is refused. "
+                          "A delivery for the served name and alias makes the service ask "
+                          "the registry where the alias points and, if it moved, load and "
+                          "check that version in the background (never in this request); "
+                          "the payload never chooses what is loaded.",
+              responses={200: ignored,
+                         400: {"model": ErrorResponse, "description": "Malformed headers "
+                               "or payload"},
+                         401: {"model": ErrorResponse, "description": "Missing or invalid "
+                               "signature, or a timestamp out of the window"},
+                         413: {"model": ErrorResponse, "description": "Body over 64 KiB"}})
+    async def mlflow_webhook(request: Request, slot: SlotDep) -> JSONResponse:
+        try:
+            delivery = webhook.verify(secret, request.headers, await request.body(),
+                                      settings.webhook_max_age_seconds)
+        except webhook.Refused as refused:
+            log.warning("webhook delivery refused (%s): %s", refused.status, refused.reason)
+            return JSONResponse({"detail": refused.reason}, status_code=refused.status)
+        followed = loading.alias_of(settings.model_uri)
+        reason = None
+        if delivery.event != webhook.ALIAS_CREATED:
+            reason = f"event {delivery.event} is not followed"
+        elif followed is None or not slot.follows:
+            reason = "this service does not serve a models:/<name>@<alias> URI"
+        elif (delivery.data.get("name"), delivery.data.get("alias")) != followed:
+            reason = "another model or alias"
+        elif not replays.first(delivery.delivery_id):
+            reason = "delivery already received"
+        if reason is not None:
+            return JSONResponse({"status": "ignored", "reason": reason})
+        slot.wake()
+        log.info("webhook: %s@%s moved; asking the registry", *followed)
+        return JSONResponse({"status": "accepted", "reason": "checking the registry"},
+                            status_code=status.HTTP_202_ACCEPTED)
 
 
 def _predict(body: bytes, predict_request: type, model: LoadedModel,

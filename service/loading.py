@@ -4,6 +4,12 @@ The process answers `/health` from its first second whatever the registry does: 
 stack is imported and the first load runs in a thread, retried with exponential backoff,
 and `/ready` says why it is not ready yet. A failed reload keeps the old model serving and
 is reported until one succeeds.
+
+Serving `models:/<name>@<alias>`, the slot follows the alias: a thread asks the registry
+where the alias points every `ITP_POLL_SECONDS` (and whenever MLflow's webhook says it moved,
+`wake`), and when it names another version, loads that one, runs `service.checks` on it and
+swaps it in with one reference assignment. Requests keep the model object they took, so
+in-flight ones finish on the old model; a model that fails a check never serves.
 """
 
 from __future__ import annotations
@@ -34,6 +40,11 @@ def describe(error: Exception) -> str:
     return CREDENTIALS.sub(r"\1***@", f"{type(error).__name__}: {error}")
 
 
+ALIAS_URI = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)$")
+
+Checker = Callable[["LoadedModel", "LoadedModel | None", Settings], dict[str, str]]
+
+
 @dataclass(frozen=True)
 class Failure:
     """The last failed load, replaced whole so that readers never see half an update."""
@@ -42,25 +53,125 @@ class Failure:
     at: str
     attempts: int
     next_attempt: float | None = None  # monotonic time of the next retry, at start-up
+    outcome: str = "failed"  # or "rejected": loaded, but a check refused it
+
+
+@dataclass(frozen=True)
+class Follow:
+    """What following the alias last saw, replaced whole."""
+
+    registry_version: str | None = None
+    checked_at: str | None = None
+    error: str | None = None  # the last registry question that failed
+
+
+def alias_of(model_uri: str) -> tuple[str, str] | None:
+    """(name, alias) of a models:/<name>@<alias> URI, else None."""
+    match = ALIAS_URI.match(model_uri)
+    return (match["name"], match["alias"]) if match else None
+
+
+def registry_version(settings: Settings) -> str:
+    """Where the alias points now: one cheap registry call, no download."""
+    from mlflow import MlflowClient
+
+    name, alias = alias_of(settings.model_uri) or ("", "")
+    client = MlflowClient(tracking_uri=settings.tracking_uri)
+    return str(client.get_model_version_by_alias(name, alias).version)
+
+
+def check_candidate(candidate: LoadedModel, serving: LoadedModel | None,
+                    settings: Settings) -> dict[str, str]:
+    from service.checks import check
+    from service.schemas import Limits
+
+    return check(candidate, serving,
+                 Limits(settings.max_batch, settings.max_taxa, settings.max_key_length))
 
 
 class ModelSlot:
     def __init__(self, settings: Settings,
-                 loader: Callable[[Settings], LoadedModel] | None = None) -> None:
+                 loader: Callable[[Settings], LoadedModel] | None = None,
+                 resolver: Callable[[Settings], str] | None = None,
+                 checker: Checker | None = None) -> None:
         self.settings = settings
         self.loader = loader
+        self.resolver = resolver or registry_version
+        self.checker = checker or check_candidate
         self.model: LoadedModel | None = None
         self.last_failure: Failure | None = None
+        self.rejected: tuple[str | None, str] | None = None  # (version, digest) refused
+        self.followed = Follow()
         self.attempts = 0
         self._lock = threading.Lock()  # one load at a time; readers never take it
         self._stop = threading.Event()
+        self._wake = threading.Event()
+
+    @property
+    def follows(self) -> bool:
+        """Whether the slot follows a registry alias (by polling, the webhook or both)."""
+        return alias_of(self.settings.model_uri) is not None and (
+            self.settings.poll_seconds > 0 or self.settings.webhook_secret is not None)
 
     def start(self) -> None:
-        """Load in the background until a model serves (or `stop`)."""
+        """Load in the background until a model serves (or `stop`); then follow the alias."""
         threading.Thread(target=self._until_loaded, name="model-loader", daemon=True).start()
+        if self.follows:
+            threading.Thread(target=self._follow, name="alias-follower", daemon=True).start()
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
+
+    def wake(self) -> None:
+        """Ask the registry now (the webhook said the alias moved); never loads in the
+        caller's thread."""
+        self._wake.set()
+
+    def _follow(self) -> None:
+        poll = self.settings.poll_seconds or None  # None: wait for the webhook only
+        while not self._stop.is_set():
+            self._wake.wait(poll)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            if self.model is not None:  # until the first load, _until_loaded is in charge
+                self.check_alias()
+
+    def check_alias(self) -> bool:
+        """Ask the registry where the alias points; load and swap if it moved. True when a
+        new model serves."""
+        try:
+            version = self.resolver(self.settings)
+        except Exception as error:
+            self.followed = replace(self.followed, error=describe(error), checked_at=_now())
+            log.warning("asking the registry where %s points failed: %s",
+                        self.settings.model_uri, self.followed.error)
+            return False
+        self.followed = Follow(version, _now())
+        serving = self.model
+        if serving is None or version == serving.stored.version:
+            return False
+        if self.rejected is not None and self.rejected[0] == version:
+            return False  # refused already; a registry version's files never change
+        log.info("%s now points at version %s (serving %s): loading it",
+                 self.settings.model_uri, version, serving.stored.version)
+        try:
+            self.load()
+        except Exception:  # recorded and reported by load(); the old model serves on
+            return False
+        return True
+
+    def following(self) -> dict[str, Any] | None:
+        """The alias followed and what the registry last said, for /ready and /v1/model."""
+        if not self.follows:
+            return None
+        followed = self.followed
+        return {"uri": self.settings.model_uri,
+                "poll_seconds": self.settings.poll_seconds or None,
+                "webhook": self.settings.webhook_secret is not None,
+                "registry_version": followed.registry_version,
+                "checked_at": followed.checked_at, "error": followed.error}
 
     def _until_loaded(self) -> None:
         delay = 1.0
@@ -88,15 +199,29 @@ class ModelSlot:
                 model = self.loader(self.settings)
             except Exception as error:
                 metrics.LOADS.labels("failed").inc()
-                self.last_failure = Failure(describe(error),
-                                            datetime.now(UTC).isoformat(timespec="seconds"),
-                                            self.attempts)
+                self.last_failure = Failure(describe(error), _now(), self.attempts)
                 log.error("model load from %s failed, %s: %s", self.settings.model_uri,
                           "keeping the current model" if self.model else "not ready",
                           self.last_failure.error)
                 raise
+            try:
+                model = replace(model, checks=self.checker(model, self.model, self.settings))
+            except Exception as error:
+                from service.checks import CandidateRejected
+
+                if not isinstance(error, CandidateRejected):
+                    error = CandidateRejected(f"a check could not run: {describe(error)}")
+                metrics.LOADS.labels("rejected").inc()
+                self.rejected = (model.stored.version, model.stored.digest)
+                self.last_failure = Failure(
+                    f"version {model.stored.version} rejected: {error}", _now(),
+                    self.attempts, outcome="rejected")
+                log.error("model %s version %s from %s rejected, %s: %s", model.stored.name,
+                          model.stored.version, self.settings.model_uri,
+                          "keeping the current model" if self.model else "not ready", error)
+                raise error from None
             previous = self.model.stored if self.model else None
-            self.model, self.last_failure = model, None
+            self.model, self.last_failure = model, None  # the swap: one reference assignment
             metrics.LOADS.labels("loaded").inc()
             metrics.served(model.stored.name, model.stored.version, model.stored.digest,
                            (previous.name, previous.version, previous.digest) if previous
@@ -112,5 +237,9 @@ class ModelSlot:
             return None
         retry = (max(0.0, round(failure.next_attempt - time.monotonic(), 1))
                  if failure.next_attempt is not None and model is None else None)
-        return {"error": failure.error, "at": failure.at, "attempts": failure.attempts,
-                "next_attempt_in_s": retry}
+        return {"error": failure.error, "outcome": failure.outcome, "at": failure.at,
+                "attempts": failure.attempts, "next_attempt_in_s": retry}
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")

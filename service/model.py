@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ log = logging.getLogger("service")
 class LoadedModel:
     stored: StoredModel
     compiled: CompiledModel
+    checks: dict[str, str] = field(default_factory=dict)  # service.checks, before serving
 
     @property
     def ref(self) -> ModelRef:
@@ -50,13 +51,14 @@ class LoadedModel:
     def integrity(self) -> str:
         return self.stored.integrity
 
-    def info(self, last_reload_failure: dict[str, Any] | None = None) -> ModelInfo:
+    def info(self, last_reload_failure: dict[str, Any] | None = None,
+             follow: dict[str, Any] | None = None) -> ModelInfo:
         meta = self.stored.metadata
         model = self.stored.model
         return ModelInfo(
             name=self.stored.name, version=self.stored.version, run_id=self.stored.run_id,
             sha256=self.stored.digest, integrity=self.integrity,
-            last_reload_failure=last_reload_failure,
+            last_reload_failure=last_reload_failure, checks=self.checks, follow=follow,
             candidate=meta.get("candidate"), trained_at=meta.get("trained_at"),
             definition=meta.get("definition"), target=meta.get("target"),
             cv_metrics=meta.get("cv_metrics", {}),

@@ -252,7 +252,16 @@ class ModelInfo(BaseModel):
                            "(the version's tag), signed, pinned (ITP_MODEL_SHA256), or "
                            "self-attested (a bundle's own record only).")
     last_reload_failure: dict[str, Any] | None = Field(
-        None, description="The last failed reload while this model kept serving.")
+        None, description="The last failed or rejected reload while this model kept "
+        "serving (`outcome`: failed, or rejected by a check).")
+    checks: dict[str, str] = Field(
+        default_factory=dict, description="What this model passed before it served: "
+        "compatible (with the API and the model it replaced), golden (training's golden "
+        "predictions reproduced) and additive (SHAP sums to the log-odds): passed, or "
+        "skipped and why.")
+    follow: dict[str, Any] | None = Field(
+        None, description="For models:/<name>@<alias>: the alias followed, how (poll "
+        "interval, webhook), the version the registry last named and when.")
     candidate: str | None = None
     trained_at: str | None = None
     definition: str | None = Field(None, description="Response definition (iwg, iwg_or, ge50).")
@@ -270,6 +279,11 @@ class ModelInfo(BaseModel):
     warnings: list[str] = Field(default_factory=list, description="What training flagged: "
                                 "a constant model, no microbiome added value.")
     feature_schema: dict[str, Any] = Field(default_factory=dict)
+
+
+class WebhookAnswer(BaseModel):
+    status: Literal["accepted", "ignored"]
+    reason: str
 
 
 class ValidationProblem(BaseModel):
