@@ -83,10 +83,8 @@ def registry_version(settings: Settings) -> str:
 def check_candidate(candidate: LoadedModel, serving: LoadedModel | None,
                     settings: Settings) -> dict[str, str]:
     from service.checks import check
-    from service.schemas import Limits
 
-    return check(candidate, serving,
-                 Limits(settings.max_batch, settings.max_taxa, settings.max_key_length))
+    return check(candidate, serving)
 
 
 class ModelSlot:
@@ -129,38 +127,47 @@ class ModelSlot:
         self._wake.set()
 
     def _follow(self) -> None:
+        """Ask at every poll and wake-up; after a registry or load error, again with
+        backoff, so that a webhook-only service does not wait for the next delivery."""
         poll = self.settings.poll_seconds or None  # None: wait for the webhook only
+        timeout, delay = poll, 1.0
         while not self._stop.is_set():
-            self._wake.wait(poll)
+            self._wake.wait(timeout)
             self._wake.clear()
             if self._stop.is_set():
                 return
-            if self.model is not None:  # until the first load, _until_loaded is in charge
-                self.check_alias()
+            if self.model is None:  # until the first load, _until_loaded is in charge
+                continue
+            if self.check_alias() == "failed":
+                timeout = min(delay, poll or delay)
+                delay = min(2 * delay, self.settings.load_retry_max_seconds)
+            else:
+                timeout, delay = poll, 1.0
 
-    def check_alias(self) -> bool:
-        """Ask the registry where the alias points; load and swap if it moved. True when a
-        new model serves."""
+    def check_alias(self) -> str:
+        """Ask the registry where the alias points; load, check and swap if it moved.
+        Returns unchanged, swapped, rejected (now or before) or failed (to ask or load)."""
         try:
             version = self.resolver(self.settings)
         except Exception as error:
             self.followed = replace(self.followed, error=describe(error), checked_at=_now())
             log.warning("asking the registry where %s points failed: %s",
                         self.settings.model_uri, self.followed.error)
-            return False
+            return "failed"
         self.followed = Follow(version, _now())
         serving = self.model
         if serving is None or version == serving.stored.version:
-            return False
+            return "unchanged"
         if self.rejected is not None and self.rejected[0] == version:
-            return False  # refused already; a registry version's files never change
+            return "rejected"  # refused already; a registry version's files never change
         log.info("%s now points at version %s (serving %s): loading it",
                  self.settings.model_uri, version, serving.stored.version)
         try:
             self.load()
         except Exception:  # recorded and reported by load(); the old model serves on
-            return False
-        return True
+            failure = self.last_failure
+            return failure.outcome if failure is not None else "failed"
+        return "swapped"
 
     def following(self) -> dict[str, Any] | None:
         """The alias followed and what the registry last said, for /ready and /v1/model."""

@@ -9,6 +9,7 @@ tests/test_registry_follow.py does the same against a real `mlflow server`.
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 import time
@@ -18,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
@@ -25,9 +27,8 @@ from prometheus_client import REGISTRY
 from service import webhook
 from service.app import create_app
 from service.checks import CandidateRejected, check
-from service.loading import ModelSlot
+from service.loading import ModelSlot, check_candidate
 from service.model import LoadedModel, load_model
-from service.schemas import Limits
 from service.settings import Settings
 from tests.conftest import Trained
 from training.bundle import StoredModel
@@ -46,6 +47,7 @@ class FakeRegistry:
         self.questions = 0
         self.loads: list[str] = []
         self.gate: threading.Event | None = None  # set: loads wait for it
+        self.failures = 0  # loads still to fail, as an interrupted download would
 
     def resolve(self, settings: Settings) -> str:
         self.questions += 1
@@ -55,6 +57,9 @@ class FakeRegistry:
         version = self.version
         if self.gate is not None:
             self.gate.wait(30)
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("artifact download interrupted")
         self.loads.append(version)
         stored = StoredModel(model=None, name="itp-response", version=version,  # type: ignore[arg-type]
                              run_id=f"run-{version}", source=ALIAS_URI,
@@ -146,6 +151,23 @@ def test_a_registry_error_is_reported_and_the_model_keeps_serving(
     assert version(slot) == "1"
 
 
+def test_a_failed_load_is_retried_without_waiting_for_another_webhook(
+        registry: FakeRegistry) -> None:
+    settings = Settings(model_uri=ALIAS_URI, tracking_uri=None, poll_seconds=0,
+                        webhook_secret=SECRET)
+    slot = ModelSlot(settings, registry.load, registry.resolve, refuse())
+    slot.start()
+    try:
+        wait_for(lambda: slot.model is not None, "the first load")
+        failed = loads("failed")
+        registry.version, registry.failures = "2", 1
+        slot.wake()  # one delivery
+        wait_for(lambda: version(slot) == "2", "the retried load")
+        assert loads("failed") == failed + 1 and registry.loads == ["1", "2"]
+    finally:
+        slot.stop()
+
+
 def test_no_follower_for_a_fixed_version_or_with_polling_and_webhook_off() -> None:
     for settings in (Settings(model_uri="models:/itp-response/3", tracking_uri=None),
                      Settings(model_uri="models/itp-response", tracking_uri=None),
@@ -183,9 +205,9 @@ def test_training_records_golden_patients_without_identifiers(exported: LoadedMo
 
 
 def test_the_exported_model_passes_every_check(exported: LoadedModel) -> None:
-    assert check(exported, None, Limits()) == {"compatible": "passed", "golden": "passed",
+    assert check(exported, None) == {"compatible": "passed", "golden": "passed",
                                                "additive": "passed"}
-    assert check(exported, exported, Limits())["golden"] == "passed"
+    assert check(exported, exported)["golden"] == "passed"
 
 
 @pytest.mark.parametrize("change, reason", [
@@ -204,38 +226,43 @@ def test_golden_predictions_that_do_not_reproduce_are_rejected(
     golden = json.loads(json.dumps(exported.stored.metadata[GOLDEN_KEY]))
     candidate = with_metadata(exported, **{GOLDEN_KEY: change(golden)})
     with pytest.raises(CandidateRejected, match=reason):
-        check(candidate, exported, Limits())
+        check(candidate, exported)
 
 
 def test_a_model_without_golden_predictions_passes_with_the_check_skipped(
         exported: LoadedModel) -> None:
     old = with_metadata(exported)
     old.stored.metadata.pop(GOLDEN_KEY)
-    checks = check(old, exported, Limits())
+    checks = check(old, exported)
     assert checks["compatible"] == "passed"
     assert checks["golden"].startswith("skipped") and checks["additive"].startswith("skipped")
 
 
-def test_golden_patients_beyond_the_configured_limits_are_a_rejection(
+def test_golden_patients_pass_whatever_the_configured_size_limits(
         exported: LoadedModel) -> None:
-    """The request schema is built from settings: a model whose golden patients it would
-    refuse is not one this service can answer for."""
-    with pytest.raises(CandidateRejected, match="request schema"):
-        check(exported, None, Limits(max_taxa=2))
+    """ITP_MAX_TAXA and the like bound a request's cost; they say nothing about a model, so
+    a small limit must not make every new version unservable."""
+    settings = Settings(model_uri=ALIAS_URI, tracking_uri=None, max_taxa=2, max_batch=1)
+    assert check_candidate(exported, None, settings)["golden"] == "passed"
 
 
 def test_incompatible_candidates_are_rejected(exported: LoadedModel) -> None:
     other_outcome = with_metadata(exported, definition="ge50-not-what-we-serve")
     with pytest.raises(CandidateRejected, match="definition"):
-        check(other_outcome, exported, Limits())
+        check(other_outcome, exported)
     serving_more = replace(exported)
     serving_more.__dict__["treatments"] = [*exported.treatments, "splenectomy-like"]
     with pytest.raises(CandidateRejected, match="does not answer treatments"):
-        check(exported, serving_more, Limits())
+        check(exported, serving_more)
     unknown = replace(exported)
     unknown.__dict__["treatments"] = [*exported.treatments, "homeopathy"]
     with pytest.raises(CandidateRejected, match="the API does not accept: homeopathy"):
-        check(unknown, None, Limits())
+        check(unknown, None)
+    newer = copy.deepcopy(exported.stored.model)  # as if trained on a field we do not take
+    encoder = newer.pipeline_.named_steps["features"].named_transformers_["clinical"]
+    encoder.feature_names_out_ = np.append(encoder.feature_names_out_, "d_dimer_mg_l")
+    with pytest.raises(CandidateRejected, match=r"clinical fields .* d_dimer_mg_l"):
+        check(replace(exported, stored=replace(exported.stored, model=newer)), None)
 
 
 # --- the webhook -----------------------------------------------------------------------------
