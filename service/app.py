@@ -2,7 +2,8 @@
 
 `create_app(settings)` builds the app; the module attribute `app` is built from the
 environment on first use, so `uvicorn service.app:app` works as is. Request bodies and
-patient ids are never logged.
+patient ids are never logged; each request gets one access record and an X-Request-ID, and
+every /v1/* response names the model that answered in X-Model-* headers (service/logs.py).
 
 A request's path: size limit (413, before anything is read into memory) -> API key (401) ->
 content type (415) -> JSON parsing and schema validation off the event loop (400, 422) ->
@@ -24,7 +25,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import errors, loading, metrics, webhook
+from service import errors, loading, logs, metrics, webhook
 from service.auth import AdminKey, ApiKey
 from service.loading import ModelSlot
 from service.schemas import (
@@ -53,6 +54,7 @@ def get_model(slot: Annotated[ModelSlot, Depends(get_slot)]) -> LoadedModel:
     if model is None:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
                             detail="no model loaded yet; GET /ready says why")
+    logs.took(model)  # headers and access log name this model, whatever loads meanwhile
     return model
 
 
@@ -132,7 +134,7 @@ async def _no_receive() -> Message:  # pragma: no cover - a response never reads
 
 def create_app(settings: Settings | None = None, slot: ModelSlot | None = None) -> FastAPI:
     settings = settings or Settings()
-    _configure_logging(settings.log_level)
+    logs.configure(settings.log_level, settings.log_format)
     limits = Limits(settings.max_batch, settings.max_taxa, settings.max_key_length)
     _, _, predict_request = request_models(limits)
 
@@ -159,7 +161,8 @@ def create_app(settings: Settings | None = None, slot: ModelSlot | None = None) 
         log.warning("NO API KEYS ARE SET: /v1/* answer anyone who can reach this port. Set "
                     "ITP_API_KEYS or ITP_API_KEYS_FILE before serving patient data.")
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-    app.add_middleware(metrics.RequestMetrics)  # outermost: 413s are counted too
+    app.add_middleware(metrics.RequestMetrics)  # outside the limit: 413s are counted too
+    app.add_middleware(logs.AccessLog)  # outermost: every response gets a request id
     app.add_exception_handler(errors.ClientError, _client_error)
     app.add_exception_handler(RequestValidationError, _request_error)
 
@@ -302,6 +305,7 @@ def _predict(body: bytes, predict_request: type, model: LoadedModel,
     threshold = config.threshold if config.threshold is not None else model.threshold
     predictions = model.predict(request.patients, request.explain, request.top_k, threshold)
     metrics.PATIENTS.inc(len(predictions))
+    logs.scored(len(predictions))
     if request.explain:
         metrics.EXPLANATIONS.inc(len(predictions))
     for prediction in predictions:
@@ -346,16 +350,6 @@ async def _request_error(request: Request, error: Exception) -> JSONResponse:
     problems = [errors.problem(item["msg"], ".".join(str(p) for p in item["loc"]))
                 for item in error.errors()[:errors.MAX_PROBLEMS]]
     return errors.ClientError(status.HTTP_422_UNPROCESSABLE_CONTENT, problems).response()
-
-
-def _configure_logging(level: str) -> None:
-    """uvicorn configures only its own loggers; give ours a handler once."""
-    if not log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
-        log.addHandler(handler)
-        log.propagate = False
-    log.setLevel(level.upper())
 
 
 def __getattr__(name: str) -> FastAPI:

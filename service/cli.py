@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from typing import Any
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -24,7 +25,14 @@ def main() -> None:
 
     import uvicorn
 
-    options = {"host": settings.host, "port": settings.port, "log_level": settings.log_level}
+    from service import logs
+
+    logs.configure(settings.log_level, settings.log_format)  # this process (workers: the parent)
+    options: dict[str, Any] = {
+        "host": settings.host, "port": settings.port, "log_level": settings.log_level,
+        "log_config": logs.uvicorn_config(settings.log_level, settings.log_format),
+        "access_log": False,  # service.logs.AccessLog writes the one access record
+    }
     if settings.workers > 1:  # worker processes import the app built from the environment
         uvicorn.run("service.app:app", workers=settings.workers, **options)
     else:

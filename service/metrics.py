@@ -25,6 +25,8 @@ from prometheus_client import (
 )
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service import logs
+
 REQUESTS = Counter("itp_http_requests_total", "HTTP requests answered.",
                    ["route", "method", "status"])
 LATENCY = Histogram("itp_http_request_duration_seconds", "Time to answer, by route.",
@@ -40,7 +42,6 @@ MODEL = Gauge("itp_model_info", "The model being served (1) and those it replace
 LOADS = Counter("itp_model_loads_total", "Model loads and reloads, by outcome.", ["outcome"])
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
-METHODS = frozenset({"GET", "POST", "HEAD", "OPTIONS"})  # a label never takes a client's text
 
 
 def exposition() -> bytes:
@@ -61,7 +62,7 @@ def served(name: str, version: str | None, digest: str,
 
 class RequestMetrics:
     """Counts and times every request by its route template (never the raw path, which a
-    client controls) and status."""
+    client controls), method (from a fixed set) and status, as the access log names them."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -82,8 +83,6 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, recording)
         finally:
-            route = scope.get("route")
-            path = getattr(route, "path", "unmatched")
-            method = scope["method"] if scope["method"] in METHODS else "OTHER"
+            path, method = logs.route_of(scope), logs.method_of(scope)
             REQUESTS.labels(path, method, str(status)).inc()
             LATENCY.labels(path, method).observe(time.perf_counter() - started)

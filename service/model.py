@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -33,6 +34,7 @@ from training.features import feature_schema, model_input
 from training.schema import CLINICAL_BY_NAME, CLINICAL_FIELDS, TREATMENT, is_taxon
 
 LOW_READS = 1000
+ALIAS_URI = re.compile(r"^models:/[^/@]+@(?P<alias>[^/@]+)$")
 log = logging.getLogger("service")
 
 
@@ -45,7 +47,14 @@ class LoadedModel:
     @property
     def ref(self) -> ModelRef:
         return ModelRef(name=self.stored.name, version=self.stored.version,
-                        run_id=self.stored.run_id)
+                        run_id=self.stored.run_id, alias=self.alias)
+
+    @property
+    def alias(self) -> str | None:
+        """The registry alias this model was loaded through (models:/<name>@<alias>), if
+        any: the version is the one the alias named when it was loaded."""
+        match = ALIAS_URI.match(self.stored.source)
+        return match["alias"] if match else None
 
     @property
     def integrity(self) -> str:
@@ -57,7 +66,7 @@ class LoadedModel:
         model = self.stored.model
         return ModelInfo(
             name=self.stored.name, version=self.stored.version, run_id=self.stored.run_id,
-            sha256=self.stored.digest, integrity=self.integrity,
+            alias=self.alias, sha256=self.stored.digest, integrity=self.integrity,
             last_reload_failure=last_reload_failure, checks=self.checks, follow=follow,
             candidate=meta.get("candidate"), trained_at=meta.get("trained_at"),
             definition=meta.get("definition"), target=meta.get("target"),

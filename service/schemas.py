@@ -225,9 +225,15 @@ class Prediction(BaseModel):
 
 
 class ModelRef(BaseModel):
-    name: str
-    version: str | None
-    run_id: str | None
+    """The model that made these predictions (also in the X-Model-* response headers)."""
+
+    name: str = Field(..., description="Registered model name.", examples=["itp-response"])
+    version: str | None = Field(..., description="Registry version; null for a bundle not "
+                                "exported from the registry.", examples=["3"])
+    run_id: str | None = Field(..., description="MLflow run that trained it.")
+    alias: str | None = Field(None, description="Registry alias it was served through "
+                              "(ITP_MODEL_URI models:/<name>@<alias>), else null.",
+                              examples=["champion"])
 
 
 class PredictResponse(BaseModel):
@@ -247,6 +253,8 @@ class ModelInfo(BaseModel):
     name: str
     version: str | None
     run_id: str | None
+    alias: str | None = Field(None, description="Registry alias it was served through "
+                              "(models:/<name>@<alias>), else null.")
     sha256: str = Field(..., description="SHA-256 over the model files, as verified.")
     integrity: str = Field(..., description="What the digest was checked against: registry "
                            "(the version's tag), signed, pinned (ITP_MODEL_SHA256), or "

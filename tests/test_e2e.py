@@ -205,7 +205,7 @@ def test_one_patient_shap_sums_exactly_to_the_log_odds(
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["model"] == {"name": MODEL, "version": str(trained.result["registered_version"]),
-                             "run_id": trained.result["run_id"]}
+                             "run_id": trained.result["run_id"], "alias": "champion"}
     (prediction,) = body["predictions"]
     explanation = prediction["explanation"]
     assert explanation["space"] == "log_odds"

@@ -1,0 +1,296 @@
+"""Structured logs: one JSON object per line (`ITP_LOG_FORMAT=json`, for a log pipeline) or
+plain text for a terminal, and exactly one access record per request.
+
+What a record may carry is decided here, not at each call site. A record holds its time,
+level, logger, message, the request id when it is written during a request, and only the
+fields a caller names in `extra={"fields": ...}` (so no library's stray attribute slips
+in). The access record holds the request id, method, route template, status, latency, the
+model that answered and how many patients it scored; never a body, a query string, a
+header other than X-Request-ID, a patient id, nor the client's address (an address can
+point to a patient's home or ward; the load balancer keeps it where that is needed). In
+JSON, an exception is logged with its type and stack but not its message, which may quote
+the input (pydantic's messages do).
+
+The service takes over the process's logging: every record (its own, uvicorn's, MLflow's,
+Python warnings) goes through one handler on the root logger, and uvicorn's own access log
+is off, since `AccessLog` writes the one access line with what uvicorn cannot know.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+import time
+import traceback
+import uuid
+from contextvars import ContextVar
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from starlette.datastructures import MutableHeaders
+from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+Format = Literal["json", "text"]
+
+access_log = logging.getLogger("service.access")
+
+REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,64}")  # anything else is replaced, never logged
+METHODS = frozenset({"GET", "POST", "HEAD", "OPTIONS"})  # a method is a client's free token
+UNNAMED_STATUSES = frozenset({401, 403})  # a caller without a key learns nothing, not even
+# which model serves
+
+
+@dataclass
+class RequestContext:
+    """What one request learns on its way, read by the access record and response headers.
+
+    Mutated in place, so worker threads (which run in a copy of the request's context)
+    write to the same object."""
+
+    request_id: str
+    model: Any = None  # the LoadedModel this request took: the one that scored it
+    patients: int | None = None
+
+
+_current: ContextVar[RequestContext | None] = ContextVar("itp_request", default=None)
+
+
+def current() -> RequestContext | None:
+    return _current.get()
+
+
+def took(model: Any) -> None:
+    """Record the model a request took, so its headers and access record name the model
+    that scored it even if a reload swaps the slot before the response is sent."""
+    context = _current.get()
+    if context is not None:
+        context.model = model
+
+
+def scored(patients: int) -> None:
+    context = _current.get()
+    if context is not None:
+        context.patients = patients
+
+
+def request_id(scope: Scope) -> str:
+    """The caller's X-Request-ID if it is a short plain token (to follow one request across
+    proxies), else a fresh uuid4: a free-text value never reaches the logs."""
+    for name, value in scope.get("headers", ()):
+        if name == b"x-request-id" and REQUEST_ID.fullmatch(value):
+            return value.decode("ascii")
+    return uuid.uuid4().hex
+
+
+def route_of(scope: Scope) -> str:
+    """The route template (`/v1/predict`), never the raw path a client chose. A response sent
+    before routing (413 by the body limit) is matched against the app's routes here."""
+    route = scope.get("route")
+    if route is None:
+        router = getattr(scope.get("app"), "router", None)
+        for candidate in getattr(router, "routes", ()):
+            if candidate.matches(scope)[0] is Match.FULL:
+                route = candidate
+                break
+    return getattr(route, "path", "unmatched")
+
+
+def method_of(scope: Scope) -> str:
+    return scope["method"] if scope["method"] in METHODS else "OTHER"
+
+
+def _serving(scope: Scope) -> Any:
+    """The slot's model, for responses that took none (a 413 before routing): one read."""
+    slot = getattr(getattr(scope.get("app"), "state", None), "slot", None)
+    return getattr(slot, "model", None)
+
+
+def model_headers(model: Any) -> dict[str, str]:
+    """X-Model-Name, -Version, -Alias: which model answered, for clients and proxies that
+    log headers but not bodies."""
+    stored = model.stored
+    headers = {"x-model-name": stored.name, "x-model-version": str(stored.version)}
+    if model.alias is not None:
+        headers["x-model-alias"] = model.alias
+    return headers
+
+
+class AccessLog:
+    """One access record per request and the X-Request-ID and X-Model-* response headers.
+
+    Pure ASGI (no BaseHTTPMiddleware), outermost of ours: its latency includes the body
+    limit, and its headers reach every response of ours, 413s and 500s included."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        context = RequestContext(request_id(scope))
+        token = _current.set(context)
+        status: int | None = None
+        answered: Any = None  # the model the headers named
+
+        async def sending(message: Message) -> None:
+            nonlocal status, answered
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                answered = context.model or _serving(scope)
+                message.setdefault("headers", [])
+                headers = MutableHeaders(scope=message)
+                headers["x-request-id"] = context.request_id
+                if (answered is not None and status not in UNNAMED_STATUSES
+                        and route_of(scope).startswith("/v1/")):
+                    headers.update(model_headers(answered))
+            await send(message)
+
+        error: BaseException | None = None
+        try:
+            await self.app(scope, receive, sending)
+        except Exception as caught:
+            error = caught
+            if status is None:  # the client still gets a request id to quote
+                await _internal_error(sending)
+            raise
+        finally:
+            self._record(scope, context, status or 500, answered, started, error)
+            _current.reset(token)
+
+    @staticmethod
+    def _record(scope: Scope, context: RequestContext, status: int, model: Any,
+                started: float, error: BaseException | None) -> None:
+        method, route = method_of(scope), route_of(scope)
+        fields: dict[str, Any] = {"method": method, "route": route, "status": status,
+                                  "latency_ms": round(1000 * (time.perf_counter() - started), 2)}
+        if model is not None:
+            fields |= {"model_name": model.stored.name,
+                       "model_version": str(model.stored.version),
+                       "model_alias": model.alias}
+        if context.patients is not None:
+            fields["patients"] = context.patients
+        level = logging.ERROR if error else logging.WARNING if status >= 500 else logging.INFO
+        access_log.log(level, "%s %s %d", method, route, status, extra={"fields": fields},
+                       exc_info=(type(error), error, error.__traceback__) if error else None)
+
+
+async def _internal_error(send: Send) -> None:
+    body = b'{"detail":"internal error; quote the X-Request-ID header when reporting it"}'
+    await send({"type": "http.response.start", "status": 500,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    """The request id (during a request) and the fields the caller named; nothing else."""
+    context = _current.get()
+    fields: dict[str, Any] = {"request_id": context.request_id} if context else {}
+    named = getattr(record, "fields", None)
+    return fields | named if isinstance(named, dict) else fields
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, on one line (json.dumps escapes newlines)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "timestamp": datetime.fromtimestamp(record.created, UTC).isoformat(
+                timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "pid": record.process,
+        } | _fields(record)
+        if record.exc_info and record.exc_info[0] is not None:
+            kind, _, stack = record.exc_info
+            entry["error"] = {"type": f"{kind.__module__}.{kind.__qualname__}",
+                              "stack": "".join(traceback.format_tb(stack))}
+        return json.dumps(entry, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """For a terminal: time, level, logger, message, then the fields as key=value."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return super().formatMessage(record) + "".join(
+            f" {key}={value}" for key, value in _fields(record).items())
+
+
+def formatter(log_format: Format) -> logging.Formatter:
+    return JsonFormatter() if log_format == "json" else TextFormatter()
+
+
+class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is at the time (a test runner swaps it)."""
+
+    itp = True  # ours: a reconfiguration replaces it instead of adding a second
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+def handler(log_format: Format = "json") -> logging.Handler:
+    """The process's one log handler, on stderr as containers expect."""
+    stream = _Stderr()
+    stream.setFormatter(formatter(log_format))
+    return stream
+
+
+def configure(level: str, log_format: Format) -> None:
+    """Route every logger to one handler on the root logger, in `log_format`; idempotent.
+
+    Handlers others added (pytest's caplog) stay; uvicorn's default console handlers are
+    replaced, and its access log is turned off in favour of `AccessLog`."""
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "itp", False)]:
+        root.removeHandler(old)
+    root.addHandler(handler(log_format))
+    root.setLevel(level.upper())
+    for name in ("service", "uvicorn", "uvicorn.error", "py.warnings"):
+        logger = logging.getLogger(name)
+        logger.handlers = [h for h in logger.handlers if not _uvicorn_console(h)]
+        logger.propagate = True
+    logging.getLogger("service").setLevel(level.upper())
+    access = logging.getLogger("uvicorn.access")
+    access.handlers, access.propagate = [], False  # uvicorn checks hasHandlers() per connection
+    logging.captureWarnings(True)
+    # MLflow, imported later by the loader thread, would give its loggers a text handler of
+    # its own; this keeps them on ours. Its registry store's migrations chatter at INFO.
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def _uvicorn_console(handler: logging.Handler) -> bool:
+    return type(handler.formatter).__module__.startswith("uvicorn") or getattr(
+        handler, "itp", False)
+
+
+def uvicorn_config(level: str, log_format: Format) -> dict[str, Any]:
+    """`log_config` for uvicorn.run: the same setup, applied in every worker process before
+    uvicorn logs anything."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "handlers": {"itp": {"()": "service.logs.handler", "log_format": log_format}},
+        "root": {"handlers": ["itp"], "level": level.upper()},
+        "loggers": {
+            "uvicorn": {"handlers": [], "propagate": True},
+            "uvicorn.access": {"handlers": [], "propagate": False},
+        },
+    }

@@ -1,0 +1,275 @@
+"""Operating the service: structured logs that never hold what a client sent, responses that
+name the model that answered.
+
+In process (TestClient, the app's own log handler read through capsys) and over real HTTP
+(`itp-serve` and `uvicorn service.app:app` subprocesses, their stderr read back), on the
+bundle the e2e training exported.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.loading import ModelSlot
+from service.model import LoadedModel, load_model
+from service.settings import Settings
+from tests.conftest import BIN, MODEL, Server, Trained, start_server, stop_server
+from tests.test_e2e import patients_from_cohort
+from tests.test_service import CORPUS, KEY, MIB, SECRET, TAXON, _post, _with, serving
+
+pytestmark = pytest.mark.e2e
+
+# what a corpus request may carry that a log must never hold (numbers too distinctive to
+# turn up in a latency by chance)
+SENT = (SECRET, KEY, TAXON, "Faecalibacterium", "1e308", "1e+308", "1e400", "Infinity")
+
+
+def _records(text: str) -> list[dict[str, Any]]:
+    """Every line of a log as JSON: a line that is not one fails here."""
+    records = []
+    for line in text.splitlines():
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                pytest.fail(f"not a JSON log line: {line[:300]}")
+    return records
+
+
+def _access(records: list[dict[str, Any]], request_id: str) -> list[dict[str, Any]]:
+    return [r for r in records if r["logger"] == "service.access"
+            and r.get("request_id") == request_id]
+
+
+def _leaks(records: list[dict[str, Any]], values: tuple[str, ...]) -> list[str]:
+    """Values sent that appear in any record (the test client's own httpx lines aside:
+    they are the client's log, not the service's)."""
+    text = "\n".join(json.dumps(r, ensure_ascii=False) for r in records
+                     if r["logger"] != "httpx")
+    return [value for value in values if value in text]
+
+
+@pytest.fixture(scope="module")
+def keyed(trained: Trained) -> Iterator[TestClient]:
+    with serving(Settings(model_uri=str(trained.bundle), max_body_bytes=16 * MIB,
+                          api_keys=KEY, tracking_uri=None, admin_token=None,
+                          log_format="json")) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def patient(trained: Trained) -> dict[str, Any]:
+    patients, _ = patients_from_cohort(trained.data, 1)
+    return patients[0]
+
+
+def _sent(patient: dict[str, Any]) -> tuple[str, ...]:
+    return (*SENT, *patient["microbiome"]["counts"])
+
+
+# --- logs ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "body", "status", "field"), CORPUS,
+                         ids=[c[0] for c in CORPUS])
+def test_each_bad_request_logs_one_json_access_record_and_nothing_it_sent(
+        keyed: TestClient, patient: dict[str, Any], capsys: pytest.CaptureFixture[str],
+        name: str, body: Callable[[dict[str, Any]], Any], status: int,
+        field: str | None) -> None:
+    capsys.readouterr()
+    request_id = f"corpus-{[case[0] for case in CORPUS].index(name)}"
+    response = _post(keyed, body(_with(patient, "patient_id", SECRET)),
+                     **{"x-api-key": KEY, "x-request-id": request_id})
+    assert response.status_code == status
+    assert response.headers["x-request-id"] == request_id
+    records = _records(capsys.readouterr().err)
+    (access,) = _access(records, request_id)
+    assert access["status"] == status and access["route"] == "/v1/predict"
+    assert access["method"] == "POST" and access["latency_ms"] >= 0
+    assert access["level"] == "INFO" and access["model_version"] == "1"
+    assert "patients" not in access  # nobody was scored
+    assert not _leaks(records, _sent(patient))
+
+
+def test_a_scored_request_logs_the_model_and_patient_count(
+        keyed: TestClient, trained: Trained, capsys: pytest.CaptureFixture[str]) -> None:
+    patients, _ = patients_from_cohort(trained.data, 3)
+    capsys.readouterr()
+    response = _post(keyed, {"patients": patients}, **{"x-api-key": KEY})
+    assert response.status_code == 200
+    request_id = response.headers["x-request-id"]
+    records = _records(capsys.readouterr().err)
+    (access,) = _access(records, request_id)
+    assert access["patients"] == 3 and access["status"] == 200
+    assert (access["model_name"], access["model_version"]) == (MODEL, "1")
+    sent = (*_sent(patients[0]), *(p["patient_id"] for p in patients), KEY)
+    assert not _leaks(records, sent)
+
+
+def test_no_query_string_header_or_unsafe_request_id_reaches_the_log(
+        keyed: TestClient, patient: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    unsafe: list[str | bytes] = ["x" * 65, "has space", "<script>", "id;DROP",
+                                 "\u00e9t\u00e9".encode()]
+    capsys.readouterr()
+    for value in unsafe:
+        response = keyed.post(f"/v1/predict?patient={SECRET}",
+                              content=json.dumps({"patients": [patient]}).encode("utf-8"),
+                              headers={"content-type": "application/json",
+                                       "authorization": f"Bearer {KEY}",
+                                       "x-request-id": value, "x-patient-name": SECRET})
+        assert response.status_code == 200
+        replaced = response.headers["x-request-id"]
+        assert replaced != value and len(replaced) == 32  # a fresh uuid4
+    records = _records(capsys.readouterr().err)
+    access = [r for r in records if r["logger"] == "service.access"]
+    assert len(access) == len(unsafe) and {r["route"] for r in access} == {"/v1/predict"}
+    assert not _leaks(records, (*_sent(patient), patient["patient_id"], "x" * 65, "has space",
+                                  "<script>", "id;DROP", "\u00e9"))
+
+
+def test_text_logs_for_a_terminal(trained: Trained, capsys: pytest.CaptureFixture[str]) -> None:
+    settings = Settings(model_uri=str(trained.bundle), tracking_uri=None, log_format="text")
+    with TestClient(create_app(settings, ModelSlot(settings, _never))) as client:
+        capsys.readouterr()
+        client.get("/health", headers={"x-request-id": "term-1"})
+        lines = [line for line in capsys.readouterr().err.splitlines() if "term-1" in line]
+    assert len(lines) == 1 and not lines[0].startswith("{")
+    assert "service.access: GET /health 200" in lines[0] and "request_id=term-1" in lines[0]
+
+
+def _never(settings: Settings) -> LoadedModel:
+    raise RuntimeError("not loading in this test")
+
+
+# --- every response names the model ---------------------------------------------------------
+
+
+def test_v1_responses_name_the_model_in_headers_and_body(
+        keyed: TestClient, patient: dict[str, Any]) -> None:
+    auth = {"x-api-key": KEY}
+    scored = _post(keyed, {"patients": [patient]}, **auth)
+    body = scored.json()["model"]
+    assert body["name"] == MODEL and body["version"] == "1"
+    assert body["alias"] is None  # a bundle path, not models:/<name>@<alias>
+    for response in (scored, keyed.get("/v1/model", headers=auth),
+                     _post(keyed, {"patients": []}, **auth), _post(keyed, b"{", **auth),
+                     keyed.post("/v1/predict", content=b"{}", headers=auth)):  # 200 ... 415
+        assert response.headers["x-model-name"] == MODEL, response.status_code
+        assert response.headers["x-model-version"] == "1"
+        assert "x-model-alias" not in response.headers
+    refused = _post(keyed, {"patients": [patient]})  # no key: learns nothing
+    assert refused.status_code == 401 and "x-model-name" not in refused.headers
+    assert "x-model-name" not in keyed.get("/health").headers
+
+
+def test_alias_is_named_when_served_through_one(registry_server: Server,
+                                                trained: Trained) -> None:
+    patients, _ = patients_from_cohort(trained.data, 1)
+    response = httpx.post(f"{registry_server.url}/v1/predict", json={"patients": patients},
+                          timeout=60)
+    version = str(trained.result["registered_version"])
+    assert response.json()["model"]["alias"] == "champion"
+    info = httpx.get(f"{registry_server.url}/v1/model", timeout=30)
+    assert info.json()["alias"] == "champion"
+    for answered in (response, info):
+        assert answered.headers["x-model-name"] == MODEL
+        assert answered.headers["x-model-version"] == version
+        assert answered.headers["x-model-alias"] == "champion"
+    # `uvicorn service.app:app` logs in JSON too, one access record and no uvicorn one
+    records = _records(registry_server.output())
+    (access,) = _access(records, response.headers["x-request-id"])
+    assert access["model_alias"] == "champion" and access["patients"] == 1
+    assert not [r for r in records if r["logger"] == "uvicorn.access"]
+
+
+class _Gated:
+    """A compiled model whose scoring waits for the test: a swap happens mid-request."""
+
+    def __init__(self, compiled: Any) -> None:
+        self.compiled = compiled
+        self.scoring = threading.Event()
+        self.release = threading.Event()
+
+    def score(self, *args: Any, **kwargs: Any) -> Any:
+        self.scoring.set()
+        assert self.release.wait(30)
+        return self.compiled.score(*args, **kwargs)
+
+
+def test_headers_name_the_model_that_scored_even_if_it_was_swapped_meanwhile(
+        trained: Trained, patient: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    settings = Settings(model_uri=str(trained.bundle), tracking_uri=None, log_format="json")
+    slot = ModelSlot(settings, _never)
+    app = create_app(settings, slot)
+    real = load_model(settings)
+    gate = _Gated(real.compiled)
+    old = replace(real, compiled=gate)
+    new = replace(real, stored=replace(real.stored, version="2"))
+    slot.model = old  # served from the start: the loader has nothing to do
+    with TestClient(app) as client:
+        answers: list[httpx.Response] = []
+        request = threading.Thread(target=lambda: answers.append(
+            _post(client, {"patients": [patient]}, **{"x-request-id": "swapped"})))
+        request.start()
+        assert gate.scoring.wait(30)
+        slot.model = new  # a reload's swap, while version 1 is scoring
+        gate.release.set()
+        request.join(60)
+        (response,) = answers
+        assert response.status_code == 200
+        assert response.headers["x-model-version"] == "1"
+        assert response.json()["model"]["version"] == "1"
+        (access,) = _access(_records(capsys.readouterr().err), "swapped")
+        assert access["model_version"] == "1"
+        assert _post(client, {"patients": [patient]}).headers["x-model-version"] == "2"
+
+
+# --- over real HTTP: itp-serve's own log ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def json_server(trained: Trained) -> Iterator[Server]:
+    env = trained.env(ITP_MODEL_URI=str(trained.bundle), ITP_API_KEYS=KEY,
+                      ITP_MAX_BODY_BYTES=str(16 * MIB))
+    env.pop("MLFLOW_TRACKING_URI")
+    env.pop("ITP_LOG_FORMAT", None)  # JSON is the default
+    server = start_server([str(BIN / "itp-serve")], env, cwd=trained.workdir,
+                          log=trained.workdir / "json-server.log")
+    yield server
+    stop_server(server)
+
+
+def test_itp_serve_logs_the_corpus_as_json_with_one_access_record_each(
+        json_server: Server, trained: Trained, patient: dict[str, Any]) -> None:
+    secret_patient = _with(patient, "patient_id", SECRET)
+    expected = {}
+    for index, (_, body, status, _) in enumerate(CORPUS):
+        built = body(secret_patient)
+        content = built if isinstance(built, bytes) else json.dumps(
+            built, allow_nan=True).encode()
+        request_id = f"http-{index}"
+        response = httpx.post(f"{json_server.url}/v1/predict", content=content, timeout=60,
+                              headers={"content-type": "application/json",
+                                       "authorization": f"Bearer {KEY}",
+                                       "x-request-id": request_id})
+        assert response.status_code == status
+        assert response.headers["x-request-id"] == request_id
+        expected[request_id] = status
+    stop_server(json_server)  # flushes and ends the log
+    records = _records(json_server.output())
+    for request_id, status in expected.items():
+        (access,) = _access(records, request_id)
+        assert access["status"] == status and access["route"] == "/v1/predict", access
+    assert not _leaks(records, _sent(patient))
+    assert not [r for r in records if r["logger"] == "uvicorn.access"]
+    assert any(r["logger"] == "uvicorn.error" and "Started server process" in r["message"]
+               for r in records)  # uvicorn's own records are JSON too
