@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
+from types import FrameType
 from typing import Any
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -28,10 +30,16 @@ def main() -> None:
     from service import logs
 
     logs.configure(settings.log_level, settings.log_format)  # this process (workers: the parent)
+    # On SIGTERM uvicorn stops accepting, lets requests in flight finish (for up to
+    # ITP_SHUTDOWN_GRACE_SECONDS), runs the lifespan shutdown (the model threads stop), then
+    # raises the signal again to die by it; our handler turns that into exit status 0, which
+    # is what a drained stop is. (Before uvicorn runs, the same handler just exits 0.)
+    signal.signal(signal.SIGTERM, _drained)
     options: dict[str, Any] = {
         "host": settings.host, "port": settings.port, "log_level": settings.log_level,
         "log_config": logs.uvicorn_config(settings.log_level, settings.log_format),
         "access_log": False,  # service.logs.AccessLog writes the one access record
+        "timeout_graceful_shutdown": settings.shutdown_grace_seconds,
     }
     if settings.workers > 1:  # worker processes import the app built from the environment
         uvicorn.run("service.app:app", workers=settings.workers, **options)
@@ -39,6 +47,12 @@ def main() -> None:
         from service.app import create_app
 
         uvicorn.run(create_app(settings), **options)
+
+
+def _drained(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM outside uvicorn's own handler: before it serves, or raised again by it once
+    it has drained. Either way the stop is clean."""
+    raise SystemExit(0)
 
 
 if __name__ == "__main__":

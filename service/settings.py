@@ -70,6 +70,11 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = Field(
         "json", description="json: one JSON object per line (request id, route, status, "
                             "latency, model version; never a payload); text: for a terminal.")
+    shutdown_grace_seconds: float = Field(
+        20.0, ge=0, description="On SIGTERM the service stops accepting connections and "
+                                "lets requests in flight finish for up to this long before "
+                                "cancelling them; keep it below the orchestrator's kill "
+                                "timeout (Kubernetes: terminationGracePeriodSeconds, 30 s).")
     load_retry_max_seconds: float = Field(
         60.0, gt=0, description="Longest wait between attempts to load the model at start-up "
                                 "(exponential backoff from 1 s).")

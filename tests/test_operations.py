@@ -1,5 +1,5 @@
 """Operating the service: structured logs that never hold what a client sent, responses that
-name the model that answered.
+name the model that answered, and a SIGTERM that drains requests in flight.
 
 In process (TestClient, the app's own log handler read through capsys) and over real HTTP
 (`itp-serve` and `uvicorn service.app:app` subprocesses, their stderr read back), on the
@@ -9,7 +9,10 @@ bundle the e2e training exported.
 from __future__ import annotations
 
 import json
+import signal
+import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
@@ -233,6 +236,89 @@ def test_headers_name_the_model_that_scored_even_if_it_was_swapped_meanwhile(
         assert _post(client, {"patients": [patient]}).headers["x-model-version"] == "2"
 
 
+# --- graceful shutdown -----------------------------------------------------------------------
+
+
+def test_lifespan_shutdown_stops_the_loader_thread(trained: Trained) -> None:
+    """A model that never loads keeps the loader retrying; stopping the app ends it."""
+    threads: list[threading.Thread] = []
+
+    def failing(settings: Settings) -> LoadedModel:
+        threads.append(threading.current_thread())
+        raise RuntimeError("registry down")
+
+    settings = Settings(model_uri=str(trained.bundle), tracking_uri=None)
+    with TestClient(create_app(settings, ModelSlot(settings, failing))) as client:
+        deadline = time.monotonic() + 30
+        while not threads:
+            assert time.monotonic() < deadline, "the loader never ran"
+            time.sleep(0.01)
+        assert client.get("/ready").status_code == 503
+    (loader,) = set(threads)
+    loader.join(10)
+    assert not loader.is_alive()
+
+
+def _raw_request(port: int, body: bytes, request_id: str) -> socket.socket:
+    """POST /v1/predict with `Expect: 100-continue`, headers only: the server answers
+    100 Continue once the endpoint reads the body, so the request is then in flight."""
+    connection = socket.create_connection(("127.0.0.1", port), timeout=60)
+    connection.sendall(
+        b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\nExpect: 100-continue\r\n"
+        + f"X-Request-ID: {request_id}\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+    interim = connection.recv(1024)
+    assert interim.startswith(b"HTTP/1.1 100"), interim
+    return connection
+
+
+def _read_response(connection: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    data = b""
+    while chunk := connection.recv(65536):  # the server closes the connection: draining
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in header_lines)
+    return int(status_line.split()[1]), headers, body
+
+
+def test_sigterm_drains_a_request_in_flight_then_exits_0(trained: Trained) -> None:
+    env = trained.env(ITP_MODEL_URI=str(trained.bundle), ITP_SHUTDOWN_GRACE_SECONDS="60")
+    env.pop("MLFLOW_TRACKING_URI")
+    server = start_server([str(BIN / "itp-serve")], env, cwd=trained.workdir,
+                          log=trained.workdir / "drain-server.log")
+    try:
+        port = int(server.url.rsplit(":", 1)[1])
+        patients, _ = patients_from_cohort(trained.data, 200)
+        body = json.dumps({"patients": patients, "explain": True}).encode()
+        connection = _raw_request(port, body, "in-flight")
+        server.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while True:  # shutting down: the listening socket closes while the request waits
+            assert time.monotonic() < deadline, "the server kept accepting connections"
+            try:
+                httpx.get(f"{server.url}/health", timeout=2)
+            except httpx.TransportError:
+                break
+            time.sleep(0.05)
+        assert server.process.poll() is None  # still running: draining
+        connection.sendall(body)
+        status, headers, answer = _read_response(connection)
+        connection.close()
+        assert status == 200, answer[:500]
+        assert len(json.loads(answer)["predictions"]) == 200
+        assert headers["x-request-id"] == "in-flight" and headers["x-model-version"] == "1"
+        assert server.process.wait(timeout=60) == 0
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{server.url}/health", timeout=2)
+        records = _records(server.output())
+        (access,) = _access(records, "in-flight")
+        assert access["status"] == 200 and access["patients"] == 200
+    finally:
+        if server.process.poll() is None:
+            stop_server(server)
+
+
 # --- over real HTTP: itp-serve's own log ----------------------------------------------------
 
 
@@ -265,6 +351,7 @@ def test_itp_serve_logs_the_corpus_as_json_with_one_access_record_each(
         assert response.headers["x-request-id"] == request_id
         expected[request_id] = status
     stop_server(json_server)  # flushes and ends the log
+    assert json_server.process.returncode == 0
     records = _records(json_server.output())
     for request_id, status in expected.items():
         (access,) = _access(records, request_id)
