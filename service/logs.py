@@ -112,12 +112,10 @@ def _serving(scope: Scope) -> Any:
 
 def model_headers(model: Any) -> dict[str, str]:
     """X-Model-Name, -Version, -Alias: which model answered, for clients and proxies that
-    log headers but not bodies."""
-    stored = model.stored
-    headers = {"x-model-name": stored.name, "x-model-version": str(stored.version)}
-    if model.alias is not None:
-        headers["x-model-alias"] = model.alias
-    return headers
+    log headers but not bodies (a version or alias the model has not is left out)."""
+    named = {"x-model-name": model.stored.name, "x-model-version": model.stored.version,
+             "x-model-alias": model.alias}
+    return {header: str(value) for header, value in named.items() if value is not None}
 
 
 class AccessLog:
@@ -171,8 +169,7 @@ class AccessLog:
         fields: dict[str, Any] = {"method": method, "route": route, "status": status,
                                   "latency_ms": round(1000 * (time.perf_counter() - started), 2)}
         if model is not None:
-            fields |= {"model_name": model.stored.name,
-                       "model_version": str(model.stored.version),
+            fields |= {"model_name": model.stored.name, "model_version": model.stored.version,
                        "model_alias": model.alias}
         if context.patients is not None:
             fields["patients"] = context.patients

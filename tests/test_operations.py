@@ -153,6 +153,29 @@ def _never(settings: Settings) -> LoadedModel:
     raise RuntimeError("not loading in this test")
 
 
+def test_an_unexpected_error_is_a_500_with_a_request_id_logged_without_its_message(
+        trained: Trained, capsys: pytest.CaptureFixture[str]) -> None:
+    """An exception's message may quote the input: the log keeps its type and stack."""
+    settings = Settings(model_uri=str(trained.bundle), tracking_uri=None, log_format="json")
+    app = create_app(settings, ModelSlot(settings, _never))
+
+    @app.get("/v1/boom")
+    def boom() -> None:
+        raise ValueError(f"cannot score patient {SECRET}")
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        capsys.readouterr()
+        response = client.get("/v1/boom", headers={"x-request-id": "boom-1"})
+        records = _records(capsys.readouterr().err)
+    assert response.status_code == 500 and response.headers["x-request-id"] == "boom-1"
+    assert "X-Request-ID" in response.json()["detail"]
+    (access,) = _access(records, "boom-1")
+    assert (access["level"], access["status"], access["route"]) == ("ERROR", 500, "/v1/boom")
+    assert access["error"]["type"] == "builtins.ValueError"
+    assert "in boom" in access["error"]["stack"]
+    assert not _leaks(records, (SECRET,))
+
+
 # --- every response names the model ---------------------------------------------------------
 
 
