@@ -4,19 +4,30 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DEMO   := data/demo
 MODEL  := itp-response
+# Every install takes its versions from here; `make constraints` regenerates it.
+CONSTRAINTS := constraints.txt
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 
-.PHONY: run train serve test lint bench clean
+.PHONY: run train serve test lint bench clean constraints
 
-$(VENV)/.installed: pyproject.toml
+# Training and serving: the base set (what the service and the Docker image need) + [train].
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e .
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e '.[train]'
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e '.[dev]'
 	touch $@
+
+## constraints: re-resolve constraints.txt for every extra after a change of pyproject.toml's
+## dependencies; versions already pinned stay unless `make constraints UPGRADE=--upgrade`
+constraints:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet uv
+	$(BIN)/uv pip compile pyproject.toml --all-extras --universal --python-version 3.11 \
+		--custom-compile-command 'make constraints' --quiet $(UPGRADE) -o $(CONSTRAINTS)
 
 $(DEMO)/metadata.tsv: | $(VENV)/.installed
 	$(BIN)/itp-train simulate --n-patients 400 --seed 7 --out $(DEMO)

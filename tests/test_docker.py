@@ -30,11 +30,24 @@ def test_slim_base_non_root_user_and_healthcheck_on_ready_at_itp_port() -> None:
 
 def test_dependencies_are_installed_before_the_code_is_copied() -> None:
     """A code edit must not invalidate the dependency layer; runtime writes only to /tmp."""
-    dependencies = DOCKERFILE.index("pip install --no-cache-dir .")
+    dependencies = DOCKERFILE.index("install --no-cache-dir -c constraints.txt .")
     assert dependencies < DOCKERFILE.index("COPY training") < DOCKERFILE.index("--no-deps")
     assert len(re.findall(r"^FROM ", DOCKERFILE, re.MULTILINE)) == 2  # build and runtime
     assert "MLFLOW_DISABLE_TELEMETRY=true" in DOCKERFILE
-    assert "MPLCONFIGDIR=/tmp/" in DOCKERFILE and "XDG_CACHE_HOME=/tmp/" in DOCKERFILE
+    assert "HOME=/tmp" in DOCKERFILE and "XDG_CACHE_HOME=/tmp/" in DOCKERFILE
+
+
+def test_only_the_serving_set_is_installed_at_the_pinned_versions() -> None:
+    """The base dependencies (no [train] extra: no full MLflow, shap, matplotlib, BIOM), with
+    constraints.txt copied in the dependency layer, before the code."""
+    copied = re.search(r"^COPY (.+) \./$", DOCKERFILE, re.MULTILINE)
+    assert copied and "constraints.txt" in copied.group(1).split()
+    assert copied.start() < DOCKERFILE.index("COPY training")
+    installs = re.findall(r"\binstall [^\n]*", DOCKERFILE)  # not un-/reinstall
+    assert installs and all("[" not in line for line in installs)  # no extras
+    assert all("-c constraints.txt" in line for line in installs if "--no-deps" not in line)
+    # the venv has no pip or setuptools of its own: the base image's pip installs into it
+    assert "venv --without-pip /opt/venv" in DOCKERFILE
 
 
 def test_image_serves_a_mounted_bundle_by_default_and_copies_no_data() -> None:

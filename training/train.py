@@ -289,12 +289,25 @@ def _log_setup(
         "python": platform.python_version(),
         **{f"version.{m.__name__}": m.__version__ for m in _versioned_modules()},
     })
+    _log_environment()
     counts = responses.value_counts().reindex(["CR", "R", "NR"], fill_value=0)
     by_treatment = pd.crosstab(cohort.metadata.loc[responses.index, "treatment"], responses)
     mlflow.log_dict({"responses": counts.to_dict(),
                      "by_treatment": by_treatment.to_dict(orient="index"),
                      "dropped_samples": [list(d) for d in cohort.dropped]},
                     "cohort_summary.json")
+
+
+def _log_environment() -> None:
+    """Every installed distribution at its version, as `environment.txt`: what this run trained
+    with, to compare with constraints.txt (the model's own requirements.txt pins the few
+    packages that loading it needs)."""
+    from importlib.metadata import distributions
+
+    installed = {f"{d.metadata['Name']}=={d.version}" for d in distributions()
+                 if d.metadata["Name"]}
+    mlflow.log_text("".join(f"{line}\n" for line in sorted(installed, key=str.lower)),
+                    "environment.txt")
 
 
 def _log_dataset(config: TrainConfig, cohort: Cohort, X: pd.DataFrame, y: np.ndarray,
