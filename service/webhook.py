@@ -29,6 +29,7 @@ VERSION = "v1"
 ALIAS_CREATED = "model_version_alias.created"
 MAX_BODY = 64 * 1024  # MLflow's registry payloads are a few hundred bytes
 DELIVERY_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+TIMESTAMP_PATTERN = re.compile(r"^[0-9]{1,12}$")  # ASCII digits: "²".isdigit() is True
 SEEN = 1024  # delivery ids remembered, to answer a replay within the window once
 
 
@@ -64,7 +65,7 @@ def verify(secret: bytes, headers: Any, body: bytes, max_age: float,
     sent = headers.get(SIGNATURE)
     if not delivery_id or not DELIVERY_ID_PATTERN.match(delivery_id):
         raise Refused(400, "missing or malformed X-MLflow-Delivery-Id")
-    if not timestamp or not timestamp.isdigit() or len(timestamp) > 12:
+    if not timestamp or not TIMESTAMP_PATTERN.match(timestamp):
         raise Refused(400, "missing or malformed X-MLflow-Timestamp (Unix seconds)")
     if not sent:
         raise Refused(401, "missing X-MLflow-Signature")

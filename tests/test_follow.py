@@ -269,13 +269,14 @@ def test_incompatible_candidates_are_rejected(exported: LoadedModel) -> None:
 
 
 def delivery(body: dict[str, Any] | bytes, secret: str = SECRET, at: float | None = None,
-             delivery_id: str | None = None) -> tuple[bytes, dict[str, str]]:
+             delivery_id: str | None = None, timestamp: str | None = None
+             ) -> tuple[bytes, dict[str, str]]:
     """A delivery signed as mlflow/webhooks/delivery.py signs one."""
     from mlflow.webhooks.delivery import _generate_hmac_signature
 
     payload = body.decode() if isinstance(body, bytes) else json.dumps(body)
     delivery_id = delivery_id or str(uuid.uuid4())
-    timestamp = str(int(time.time() if at is None else at))
+    timestamp = timestamp or str(int(time.time() if at is None else at))
     return payload.encode(), {
         "Content-Type": "application/json", "X-MLflow-Delivery-Id": delivery_id,
         "X-MLflow-Timestamp": timestamp,
@@ -393,6 +394,14 @@ def test_openapi_says_the_webhook_needs_no_key(hooked: tuple[TestClient, ModelSl
     operation = client.get("/openapi.json").json()["paths"]["/v1/webhooks/mlflow"]["post"]
     assert "security" not in operation
     assert "no API key" in operation["description"] and "HMAC" in operation["description"]
+
+
+def test_a_signed_non_ascii_digit_timestamp_is_malformed_not_a_crash() -> None:
+    """"\u00b2".isdigit() is True and int() refuses it: checked as ASCII digits."""
+    body, headers = delivery(alias_moved(), timestamp="\u00b2")
+    with pytest.raises(webhook.Refused) as refused:
+        webhook.verify(SECRET.encode(), {k.lower(): v for k, v in headers.items()}, body, 300)
+    assert refused.value.status == 400
 
 
 def test_the_signature_is_mlflows() -> None:
