@@ -41,8 +41,8 @@ access_log = logging.getLogger("service.access")
 
 REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,64}")  # anything else is replaced, never logged
 METHODS = frozenset({"GET", "POST", "HEAD", "OPTIONS"})  # a method is a client's free token
-UNNAMED_STATUSES = frozenset({401, 403})  # a caller without a key learns nothing, not even
-# which model serves
+# answers to a caller without a valid key: they learn nothing, not even which model serves
+UNNAMED_STATUSES = frozenset({401, 403})
 
 
 @dataclass
