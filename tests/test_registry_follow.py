@@ -1,7 +1,8 @@
 """Following the alias against a real tracking server: `mlflow server` (SQLite, proxied
 artifacts), two versions trained over HTTP by `itp-train`, and two services serving
 models:/itp-response@champion, one polling, one woken only by MLflow's webhook, scoring
-under concurrent load while the alias moves v1 -> v2 -> v1.
+under concurrent load while the alias moves v1 -> v2 -> v1, then to a v3 whose golden
+predictions do not reproduce (which both refuse, serving v1 on).
 
 MLflow delivers the webhook itself (mlflow/webhooks/delivery.py): the tracking server gets
 MLFLOW_WEBHOOK_ALLOWED_SCHEMES=http,https and MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS=true, because
@@ -138,6 +139,33 @@ class Load:
         return [version for _, version in self.answers[name]]
 
 
+def register_tampered_golden(client: object, version: str, workdir: Path) -> str:
+    """A new registry version with `version`'s model and a golden probability off by 1e-6,
+    registered with the digest of its files: it passes every integrity check and must be
+    refused by the golden check alone."""
+    import mlflow
+    import yaml
+
+    from training import registry
+
+    files = registry.download(f"models:/{MODEL}/{version}", workdir / "tampered")
+    mlmodel = yaml.safe_load((files / "MLmodel").read_text())
+    golden = mlmodel["metadata"]["itp_response"]["golden"]
+    golden["probability"][0] += 1e-6
+    (files / "MLmodel").write_text(yaml.safe_dump(mlmodel, sort_keys=False))
+    mlflow.set_experiment(MODEL)
+    with mlflow.start_run(run_name="tampered-golden") as run:
+        mlflow.log_artifacts(str(files), "model")
+    created = client.create_model_version(  # type: ignore[attr-defined]
+        MODEL, f"runs:/{run.info.run_id}/model", run.info.run_id,
+        tags={registry.DIGEST_TAG: registry.digest(files)})
+    return str(created.version)
+
+
+def rejection(server: Server) -> dict | None:
+    return httpx.get(f"{server.url}/ready", timeout=5).json().get("last_reload_failure")
+
+
 def served(server: Server) -> str | None:
     ready = httpx.get(f"{server.url}/ready", timeout=5).json()
     return (ready.get("model") or {}).get("version")
@@ -145,8 +173,10 @@ def served(server: Server) -> str | None:
 
 def test_services_follow_the_alias_under_load_by_polling_and_by_webhook(
         tracking: Tracking) -> None:
+    import mlflow
     from mlflow import MlflowClient
 
+    mlflow.set_tracking_uri(tracking.url)
     workdir = tracking.workdir
     run_cli(*TRAIN, "--alias", "champion", cwd=workdir, env=tracking.env())  # version 1
     run_cli(*TRAIN, "--alias", "", "--seed", "8", cwd=workdir, env=tracking.env())  # 2
@@ -185,6 +215,13 @@ def test_services_follow_the_alias_under_load_by_polling_and_by_webhook(
             counts = {name: len(answers) for name, answers in load.answers.items()}
             wait_for(lambda c=counts: all(len(load.answers[n]) > c[n] + 4 for n in c),
                      "requests scored after the swap", 30)
+
+        bad = register_tampered_golden(client, "2", workdir)  # digest right, golden wrong
+        client.set_registered_model_alias(MODEL, "champion", bad)
+        for name, server in (("polling", polling), ("webhook", hooked)):
+            wait_for(lambda s=server: (rejection(s) or {}).get("outcome") == "rejected",
+                     f"the {name} service to reject version {bad}", 60)
+            assert served(server) == "1" and "golden" in rejection(server)["error"]
         load.finish()
 
         assert not load.errors
@@ -192,11 +229,12 @@ def test_services_follow_the_alias_under_load_by_polling_and_by_webhook(
             assert answers and all(status == 200 for status, _ in answers), name
             versions = load.versions(name)
             assert "1" in versions and "2" in versions, (name, sorted(set(map(str, versions))))
-            assert versions[-1] == "1"  # back where the alias points now
+            assert bad not in versions and versions[-1] == "1"  # the rejected one never served
         follow = httpx.get(f"{hooked.url}/ready", timeout=5).json()["follow"]
-        assert follow["registry_version"] == "1"  # asked the registry: woken by the webhook
+        assert follow["registry_version"] == bad  # asked the registry: woken by the webhook
         metrics = httpx.get(f"{hooked.url}/metrics", timeout=5).text
         assert 'itp_model_loads_total{outcome="loaded"} 3.0' in metrics
+        assert 'itp_model_loads_total{outcome="rejected"} 1.0' in metrics
     finally:
         if load is not None:
             load.finish()
