@@ -127,8 +127,10 @@ class Load:
                     self.errors.append(f"{name}: {type(error).__name__}")
                     continue
                 body = response.json() if response.status_code == 200 else {}
-                self.answers[name].append((response.status_code,
-                                           body.get("model", {}).get("version")))
+                version = body.get("model", {}).get("version")
+                if response.headers.get("x-model-version", version) != version:
+                    self.errors.append(f"{name}: X-Model-Version is not the body's version")
+                self.answers[name].append((response.status_code, version))
 
     def finish(self) -> None:
         self.stop.set()
