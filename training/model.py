@@ -7,7 +7,7 @@ penalty: nothing is chosen by hand or on the folds that estimate performance.
 
 - `linear`: the structured model (training.structure.LinearDesign): log-scaled lab values,
   treatment x marker interactions, and separately weighted clinical and microbiome blocks
-  under one L1 penalty, so taxa enter only when they help out of fold.
+  under one lasso or ridge penalty, so taxa enter only when they help out of fold.
 - `xgboost`: gradient-boosted trees with depth, learning rate, trees and min_child_weight
   tuned; missing values handled natively, interactions found by the trees.
 - `random_forest`: bagged trees (XGBoost's random-forest mode, so its margins are log-odds
@@ -141,19 +141,29 @@ class _ToArray(TransformerMixin, BaseEstimator):
 
 
 def _linear_space(preset: str) -> list[dict[str, list[Any]]]:
-    # alpha: L1 penalty per episode; 0.007-0.07 spans "most markers in" to "a handful"
+    """Two penalty regions. Lasso (alpha per episode 0.007-0.07: "most markers in" to "a
+    handful") suits a few strong predictors; ridge (0.1-1) suits signal spread thinly over
+    many correlated taxa, as on real metagenomes, where a lasso keeps one taxon of a group and
+    random forests beat it (docs/benchmarks.md). Inner CV chooses between them."""
     if preset == "fast":
-        alpha, microbiome, interactions = [0.06, 0.02, 0.007], [0.25, 0.5, 1.0], [0.0, 0.5]
+        lasso, ridge = [0.06, 0.02, 0.007], [1.0, 0.3, 0.1]
+        microbiome, interactions = [0.25, 0.5, 1.0], [0.0, 0.5]
+        ridge_microbiome = [0.5, 1.0]
     else:
-        alpha = list(np.round(np.geomspace(0.1, 0.003, 7), 4))
+        lasso = list(np.round(np.geomspace(0.1, 0.003, 7), 4))
+        ridge = list(np.round(np.geomspace(3.0, 0.03, 5), 4))
         microbiome, interactions = [0.1, 0.25, 0.5, 1.0], [0.0, 0.25, 0.5, 1.0]
-    return [
-        {"blocks__blocks": ["combined"], "model__alpha": alpha,
-         "design__microbiome": microbiome, "design__interactions": interactions},
-        {"blocks__blocks": ["clinical"], "model__alpha": alpha,
-         "design__interactions": interactions},
-        {"blocks__blocks": ["microbiome"], "model__alpha": alpha, "design__interactions": [0.0]},
-    ]
+        ridge_microbiome = microbiome
+    space = []
+    for l1_ratio, alpha, weights in ((1.0, lasso, microbiome), (0.0, ridge, ridge_microbiome)):
+        penalty = {"model__l1_ratio": [l1_ratio], "model__alpha": alpha}
+        space += [
+            {"blocks__blocks": ["combined"], **penalty, "design__microbiome": weights,
+             "design__interactions": interactions},
+            {"blocks__blocks": ["clinical"], **penalty, "design__interactions": interactions},
+            {"blocks__blocks": ["microbiome"], **penalty, "design__interactions": [0.0]},
+        ]
+    return space
 
 
 def _xgboost_space(preset: str) -> list[dict[str, list[Any]]]:
@@ -188,6 +198,12 @@ def _linear_complexity(params: dict[str, Any]) -> tuple[float, ...]:
             params.get("design__interactions", 0.0))
 
 
+def _linear_region(params: dict[str, Any]) -> str:
+    """Lasso and ridge penalties are not on one scale of complexity: the one-standard-error
+    rule compares configurations within one penalty only."""
+    return "ridge" if params.get("model__l1_ratio", 1.0) == 0.0 else "lasso"
+
+
 def _xgboost_complexity(params: dict[str, Any]) -> tuple[float, ...]:
     return (params.get("model__max_depth", 3),
             params.get("model__n_estimators", 100) * params.get("model__learning_rate", 0.1),
@@ -206,14 +222,18 @@ class Family:
     # whose inner score is within one standard error of the best.
     complexity: Callable[[dict[str, Any]], tuple[float, ...]] = field(
         default=_linear_complexity, repr=False)
+    # Configurations whose complexities are comparable share a region (for the one-SE rule).
+    region: Callable[[dict[str, Any]], str] = field(default=lambda params: "", repr=False)
 
 
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family("linear", "Block-penalised L1 logistic regression: log-scaled labs, treatment x "
-               "marker interactions, clinical and microbiome blocks weighted apart.",
-               _linear, _linear_space, {"fast": None, "thorough": None}),
+        Family("linear", "Block-penalised logistic regression (lasso or ridge, chosen in inner "
+               "CV): log-scaled labs, treatment x marker interactions, clinical and microbiome "
+               "blocks weighted apart.",
+               _linear, _linear_space, {"fast": None, "thorough": None}, _linear_complexity,
+               _linear_region),
         Family("xgboost", "Gradient-boosted trees (XGBoost), depth, learning rate, trees and "
                "min_child_weight tuned; missing values native.",
                _xgboost, _xgboost_space, {"fast": 6, "thorough": 24}, _xgboost_complexity),

@@ -189,10 +189,10 @@ class ModelSearch(ClassifierMixin, BaseEstimator):
                                      **common))
         search.fit(features, y, groups=groups)
         cv = search.cv_results_
-        complexity = FAMILIES[family].complexity
+        complexity, region = FAMILIES[family].complexity, FAMILIES[family].region
         return [{"family": family, "feature_set": feature_set(params), "params": params,
                  "inner_score": float(score), "inner_score_sd": float(sd),
-                 "complexity": complexity(params)}
+                 "complexity": complexity(params), "region": region(params)}
                 for params, score, sd in zip(cv["params"], cv["mean_test_score"],
                                              cv["std_test_score"], strict=True)]
 
@@ -200,11 +200,11 @@ class ModelSearch(ClassifierMixin, BaseEstimator):
         """The chosen configuration, optionally within a family or feature set.
 
         `selection="best"` takes the highest mean inner score. `"one_se"` (default) takes,
-        within the family and feature set of that best configuration, the simplest one whose
-        mean is within one standard error of it (glmnet's lambda.1se): the maximum over
-        dozens of noisy inner-CV estimates is optimistic, and its configuration overfits an
-        independent cohort; among statistically indistinguishable choices the simplest
-        generalises best.
+        within the family, feature set, rank and penalty region of that best configuration,
+        the simplest one whose mean is within one standard error of it (glmnet's lambda.1se):
+        the maximum over dozens of noisy inner-CV estimates is optimistic, and its
+        configuration overfits an independent cohort; among statistically indistinguishable
+        choices the simplest generalises best.
         """
         check_is_fitted(self, "results_")
         rows = self.results_
@@ -222,6 +222,7 @@ class ModelSearch(ClassifierMixin, BaseEstimator):
         close = rows[(rows["family"] == best["family"])
                      & (rows["feature_set"] == best["feature_set"])
                      & (rows["rank"] == best["rank"])
+                     & (rows["region"] == best["region"])
                      & (rows["inner_score"] >= best["inner_score"] - standard_error)]
         return close.loc[min(close.index, key=lambda i: close.at[i, "complexity"])]
 
