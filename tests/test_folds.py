@@ -1,10 +1,12 @@
-"""Folds stratified by treatment x outcome keep a rare treatment in every training fold."""
+"""Folds keep a rare treatment in every training fold, and never copy a chance association of
+treatment and outcome into the test folds."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold
 
 from training.evaluation import CVConfig, grouped_splits
@@ -62,3 +64,37 @@ def test_outer_splits_stay_grouped_and_balance_each_treatment(seed: int) -> None
         per_fold = X[TREATMENT].iloc[test].value_counts()
         assert per_fold.get("tpo_ra", 0) <= 2  # 5 patients spread over 5 folds
         assert 0.2 < y[test].mean() < 0.8
+
+
+class _JointStrata(StratifiedGroupKFold):
+    """The control: every treatment stratified on treatment x outcome."""
+
+    def split(self, X: pd.DataFrame, y: np.ndarray, groups: np.ndarray) -> object:
+        joint = X[TREATMENT].astype(str) + "|" + pd.Series(y, index=X.index).astype(str)
+        return super().split(X, joint, groups)
+
+
+def _treatment_rate_auroc(cv: object, seed: int) -> float:
+    """Out-of-fold AUROC of per-treatment training response rates, labels pure noise."""
+    rng = np.random.default_rng(seed)
+    X = pd.DataFrame({TREATMENT: np.repeat(["corticosteroid", "ivig", "tpo_ra", "rituximab"],
+                                           100)})
+    y = (rng.random(len(X)) < 0.6).astype(int)
+    oof = np.zeros(len(y))
+    for train, test in cv.split(X, y, np.arange(len(y))):
+        rates = pd.Series(y[train]).groupby(X[TREATMENT].iloc[train].to_numpy()).mean()
+        oof[test] = X[TREATMENT].iloc[test].map(rates).to_numpy()
+    return roc_auc_score(y, oof)
+
+
+def test_folds_do_not_copy_a_chance_treatment_outcome_association_into_test_folds() -> None:
+    """Under noise labels a model of per-treatment response rates must score chance; strata
+    of treatment x outcome for common treatments would hand it the cohort's chance
+    association in every test fold (measured 0.545 against 0.498 over 40 seeds)."""
+    ours = [_treatment_rate_auroc(TreatmentStratifiedGroupKFold(5, shuffle=True,
+                                                                random_state=s), s)
+            for s in range(40)]
+    joint = [_treatment_rate_auroc(_JointStrata(5, shuffle=True, random_state=s), s)
+             for s in range(40)]
+    assert abs(np.mean(ours) - 0.5) < 0.02
+    assert np.mean(joint) > 0.52  # control: the bias this design avoids
