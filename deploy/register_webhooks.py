@@ -25,6 +25,7 @@ import sys
 
 EVENT = "model_version_alias.created"
 ENDPOINT = "/v1/webhooks/mlflow"
+MIN_SECRET = 32  # service.settings.MIN_WEBHOOK_SECRET (tests/test_deploy.py checks they agree)
 
 
 def webhook_name(base_url: str) -> str:
@@ -70,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="ask MLflow to send each webhook a test delivery")
     args = parser.parse_args(argv)
     secret = os.environ.get("ITP_WEBHOOK_SECRET", "")
-    if not secret:
-        parser.error("set ITP_WEBHOOK_SECRET (the service's value) in the environment")
+    if len(secret) < MIN_SECRET:  # the service refuses to start with a shorter one
+        parser.error(f"set ITP_WEBHOOK_SECRET (the service's value, at least {MIN_SECRET} "
+                     "characters) in the environment")
     if not args.tracking_uri:
         parser.error("set MLFLOW_TRACKING_URI or --tracking-uri")
 

@@ -3,7 +3,8 @@
 `create_app(settings)` builds the app; the module attribute `app` is built from the
 environment on first use, so `uvicorn service.app:app` works as is. Request bodies and
 patient ids are never logged; each request gets one access record and an X-Request-ID, and
-every /v1/* response names the model that answered in X-Model-* headers (service/logs.py).
+every /v1/* response past the key check names the model that answered in X-Model-* headers
+(service/logs.py).
 
 A request's path: size limit (413, before anything is read into memory) -> API key (401) ->
 content type (415) -> JSON parsing and schema validation off the event loop (400, 422) ->
@@ -52,10 +53,13 @@ def get_slot(request: Request) -> ModelSlot:
 def get_model(slot: Annotated[ModelSlot, Depends(get_slot)]) -> LoadedModel:
     model = slot.model  # one read: a load may swap it meanwhile
     if model is None:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
-                            detail="no model loaded yet; GET /ready says why")
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=NOT_LOADED)
     logs.took(model)  # headers and access log name this model, whatever loads meanwhile
     return model
+
+
+NOT_LOADED = ("no model loaded yet; GET /ready says when it is, GET /v1/model (with a key) "
+              "why not")
 
 
 def get_settings(request: Request) -> Settings:
@@ -161,8 +165,9 @@ def create_app(settings: Settings | None = None, slot: ModelSlot | None = None) 
         log.warning("NO API KEYS ARE SET: /v1/* answer anyone who can reach this port. Set "
                     "ITP_API_KEYS or ITP_API_KEYS_FILE before serving patient data.")
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-    app.add_middleware(metrics.RequestMetrics)  # outside the limit: 413s are counted too
-    app.add_middleware(logs.AccessLog)  # outermost: every response gets a request id
+    # outermost: every response gets a request id, one access record and its metrics
+    # (413s from the limit included)
+    app.add_middleware(logs.AccessLog, observe=metrics.observe)
     app.add_exception_handler(errors.ClientError, _client_error)
     app.add_exception_handler(RequestValidationError, _request_error)
 
@@ -177,21 +182,35 @@ def create_app(settings: Settings | None = None, slot: ModelSlot | None = None) 
         return Response(metrics.exposition(), media_type=metrics.CONTENT_TYPE)
 
     @app.get("/ready", tags=["operations"], summary="A model is loaded and serving (readiness)",
-             responses={503: {"description": "No model loaded yet, and why"}})
+             description="Public, so coarse: ready or not, a short reason code and the "
+                         "model's name and version. The full reasons (which may name the "
+                         "registry, hosts or paths), checks and alias state are in "
+                         "GET /v1/model, behind the API key.",
+             responses={503: {"description": "No model loaded yet, and a reason code"}})
     async def ready(slot: SlotDep) -> JSONResponse:
-        model, failure = slot.model, slot.failure()
+        model, failure = slot.model, slot.public_failure()
         if model is None:
             return JSONResponse({"status": "not ready", "reason": failure["error"] if failure
                                  else "loading", "last_failure": failure}, status_code=503)
-        return JSONResponse({"status": "ready", "model": model.ref.model_dump(),
-                             "checks": model.checks, "follow": slot.following(),
+        ref = model.ref
+        return JSONResponse({"status": "ready", "reason": "serving",
+                             "model": {"name": ref.name, "version": ref.version,
+                                       "alias": ref.alias},
                              "last_reload_failure": failure})
 
     @app.get("/v1/model", tags=["model"], response_model=ModelInfo,
-             summary="The served model: version, run, CV metrics, feature schema",
-             responses={401: PREDICT_RESPONSES[401], 503: PREDICT_RESPONSES[503]},
+             summary="The served model: version, run, CV metrics, feature schema, checks, "
+                     "the alias followed and the last failed load",
+             responses={401: PREDICT_RESPONSES[401],
+                        503: {"description": "No model loaded yet: `detail`, and "
+                              "`last_failure` and `follow` say why"}},
              dependencies=[ApiKey])
-    def model_info(model: ModelDep, slot: SlotDep) -> ModelInfo:
+    def model_info(slot: SlotDep) -> Any:
+        model = slot.model  # one read, as get_model; here a 503 says why, to a key holder
+        if model is None:
+            return JSONResponse({"detail": NOT_LOADED, "last_failure": slot.failure(),
+                                 "follow": slot.following()}, status_code=503)
+        logs.took(model)
         return model.info(last_reload_failure=slot.failure(), follow=slot.following())
 
     @app.post("/v1/predict", tags=["model"], response_model=PredictResponse,
@@ -218,11 +237,13 @@ def create_app(settings: Settings | None = None, slot: ModelSlot | None = None) 
                                "previous model keeps serving"}}, dependencies=[AdminKey])
     def reload(slot: SlotDep) -> ModelInfo:
         try:
-            return slot.load().info()
+            model = slot.load()
         except Exception as error:
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
                                 detail=f"reload failed, previous model still serving: "
                                        f"{loading.describe(error)}") from error
+        logs.took(model)  # an admin, authenticated: named in the headers like any /v1 answer
+        return model.info()
 
     if settings.webhook_secret is not None:  # off (404) without a secret
         _webhook_route(app, settings)
@@ -259,10 +280,13 @@ def _webhook_route(app: FastAPI, settings: Settings) -> None:
                          413: {"model": ErrorResponse, "description": "Body over 64 KiB"}})
     async def mlflow_webhook(request: Request, slot: SlotDep) -> JSONResponse:
         try:
-            delivery = webhook.verify(secret, request.headers, await request.body(),
+            body = await _read_at_most(request, webhook.MAX_BODY)
+            delivery = webhook.verify(secret, request.headers, body,
                                       settings.webhook_max_age_seconds)
         except webhook.Refused as refused:
-            log.warning("webhook delivery refused (%s): %s", refused.status, refused.reason)
+            # anyone can post here: INFO and a counter, not a WARNING line per attempt
+            metrics.WEBHOOKS.labels(f"refused_{refused.status}").inc()
+            log.info("webhook delivery refused (%s): %s", refused.status, refused.reason)
             return JSONResponse({"detail": refused.reason}, status_code=refused.status)
         followed = loading.alias_of(settings.model_uri)
         reason = None
@@ -275,11 +299,27 @@ def _webhook_route(app: FastAPI, settings: Settings) -> None:
         elif not replays.first(delivery.delivery_id):
             reason = "delivery already received"
         if reason is not None:
+            metrics.WEBHOOKS.labels("ignored").inc()
             return JSONResponse({"status": "ignored", "reason": reason})
+        metrics.WEBHOOKS.labels("accepted").inc()
         slot.wake()
         log.info("webhook: %s@%s moved; asking the registry", *followed)
         return JSONResponse({"status": "accepted", "reason": "checking the registry"},
                             status_code=status.HTTP_202_ACCEPTED)
+
+
+async def _read_at_most(request: Request, limit: int) -> bytes:
+    """The body, read only up to `limit` bytes: a larger one is refused (413) without
+    reading the rest (the app-wide limit, ITP_MAX_BODY_BYTES, is far larger)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise webhook.Refused(413, f"body over {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise webhook.Refused(413, f"body over {limit} bytes")
+    return bytes(body)
 
 
 def _predict(body: bytes, predict_request: type, model: LoadedModel,

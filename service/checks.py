@@ -5,10 +5,11 @@ that answers the API it already promised, and answers it the way training said i
 
 - **compatible**: everything the model reads is something the API accepts (its treatments
   are in the request schema's `treatment` enum, its clinical features derive from the
-  `clinical` fields, which are fixed at start-up), and, against the model serving now, it
-  still answers every treatment that one answers and its probability means the same thing
-  (same response definition and target). A new treatment is fine; a dropped one, a new
-  required field or another outcome is not.
+  `clinical` fields, which are fixed at start-up). Only that is checked, so the verdict is
+  the same on every replica whatever it served before, and moving the alias back (the
+  rollback) is never refused. A model that answers fewer treatments than the one it
+  replaces, or another response definition or target, is accepted with a warning (in
+  `checks` of /v1/model and a log line): requests for a dropped treatment get a 422.
 - **golden**: the synthetic patients recorded at training (`training.golden`) pass the
   request schema (its fields, types and enums; the size limits bound a request's cost, not
   what a model needs, so they are lifted here), and re-scored through the compiled path
@@ -17,8 +18,9 @@ that answers the API it already promised, and answers it the way training said i
 - **additive**: on the golden patients, base value + sum of SHAP values = the log-odds of
   the served probability.
 
-Models trained before golden predictions existed have none: they pass with the golden and
-additivity checks reported as "skipped".
+Models trained before golden predictions existed, or on a cohort too small to aggregate
+(`training.golden.MIN_GROUP`), have none: they pass with the golden and additivity checks
+reported as "skipped".
 """
 
 from __future__ import annotations
@@ -42,29 +44,38 @@ UNLIMITED = Limits(max_batch=100_000, max_taxa=1_000_000, max_key_length=100_000
 
 
 class CandidateRejected(RuntimeError):
-    """A model that loaded but must not serve: the reason says which check failed."""
+    """A model that loaded but must not serve: the reason says why, `check` which check
+    (compatible, golden, additive) refused it."""
+
+    def __init__(self, reason: str, check: str = "golden") -> None:
+        super().__init__(reason)
+        self.check = check
 
 
 def check(candidate: LoadedModel, serving: LoadedModel | None) -> dict[str, str]:
     """Run every check; raise `CandidateRejected` on the first that fails, else return what
-    each came to ("passed" or "skipped: why")."""
-    compatible(candidate, serving)
+    each came to ("passed", "passed, with a warning: ..." or "skipped: why")."""
+    compatible(candidate)
+    changes = changed_answers(candidate, serving)
+    verdict = f"passed, with a warning: {'; '.join(changes)}" if changes else "passed"
     golden = candidate.stored.metadata.get(GOLDEN_KEY)
     if not golden:
-        skipped = "skipped: the model records no golden predictions (trained before them)"
-        return {"compatible": "passed", "golden": skipped, "additive": skipped}
+        skipped = "skipped: the model records no golden predictions"
+        return {"compatible": verdict, "golden": skipped, "additive": skipped}
     if golden.get("format") != FORMAT:
         raise CandidateRejected(f"golden predictions in an unknown format "
                                 f"{golden.get('format')!r}")
     reproduce(candidate, golden)
-    return {"compatible": "passed", "golden": "passed", "additive": "passed"}
+    return {"compatible": verdict, "golden": "passed", "additive": "passed"}
 
 
-def compatible(candidate: LoadedModel, serving: LoadedModel | None) -> None:
+def compatible(candidate: LoadedModel) -> None:
+    """Against the API's request schema only: what the model reads must be what the API
+    accepts. Intrinsic to the version, so a refusal holds on every replica, forever."""
     unknown = sorted(set(candidate.treatments) - set(TREATMENTS))
     if unknown:
         raise CandidateRejected(f"incompatible: the model scores treatments the API does not "
-                                f"accept: {', '.join(unknown)}")
+                                f"accept: {', '.join(unknown)}", "compatible")
     fields = set(Clinical.model_fields)
     encoder = candidate.stored.model.pipeline_.named_steps["features"].named_transformers_[
         "clinical"]
@@ -73,18 +84,25 @@ def compatible(candidate: LoadedModel, serving: LoadedModel | None) -> None:
     missing = sorted(set(needed) - fields)
     if missing:
         raise CandidateRejected(f"incompatible: the model reads clinical fields the API does "
-                                f"not accept: {', '.join(missing)}")
+                                f"not accept: {', '.join(missing)}", "compatible")
+
+
+def changed_answers(candidate: LoadedModel, serving: LoadedModel | None) -> list[str]:
+    """How the candidate answers differently from the model it replaces: worth a warning
+    (clients see it), never a refusal (a rollback is exactly such a change)."""
     if serving is None:
-        return
+        return []
+    changes = []
     dropped = sorted(set(serving.treatments) - set(candidate.treatments))
     if dropped:
-        raise CandidateRejected(f"incompatible: the model does not answer treatments the "
-                                f"serving model answers: {', '.join(dropped)}")
+        changes.append(f"it does not answer treatments the replaced model (version "
+                       f"{serving.stored.version}) answered: {', '.join(dropped)}; requests "
+                       f"for them get 422")
     for key in ("definition", "target"):
         ours, theirs = serving.stored.metadata.get(key), candidate.stored.metadata.get(key)
         if ours is not None and theirs is not None and ours != theirs:
-            raise CandidateRejected(f"incompatible: response {key} {theirs!r}, the serving "
-                                    f"model's is {ours!r}")
+            changes.append(f"response {key} {theirs!r}, the replaced model's was {ours!r}")
+    return changes
 
 
 def reproduce(candidate: LoadedModel, golden: dict[str, Any]) -> None:
@@ -122,4 +140,4 @@ def reproduce(candidate: LoadedModel, golden: dict[str, Any]) -> None:
     gap = float(np.max(np.abs(explanation.log_odds - served)))
     if not gap <= SHAP_TOLERANCE:
         raise CandidateRejected(f"SHAP not additive on the golden patients: base + sum of "
-                                f"SHAP misses the served log-odds by {gap:.3g}")
+                                f"SHAP misses the served log-odds by {gap:.3g}", "additive")

@@ -26,23 +26,25 @@ import sys
 import time
 import traceback
 import uuid
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 from starlette.datastructures import MutableHeaders
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-Format = Literal["json", "text"]
+from service.settings import LogFormat as Format
 
 access_log = logging.getLogger("service.access")
 
 REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,64}")  # anything else is replaced, never logged
 METHODS = frozenset({"GET", "POST", "HEAD", "OPTIONS"})  # a method is a client's free token
-# answers to a caller without a valid key: they learn nothing, not even which model serves
-UNNAMED_STATUSES = frozenset({401, 403})
+CLIENT_CLOSED = 499  # nginx's code: the client went away before the answer; nothing is sent
+Observer = Callable[[str, str, int, float], None]  # route, method, status, seconds
 
 
 @dataclass
@@ -53,7 +55,9 @@ class RequestContext:
     write to the same object."""
 
     request_id: str
-    model: Any = None  # the LoadedModel this request took: the one that scored it
+    # the LoadedModel this request took through the authenticated dependency (get_model,
+    # after the key check): the one that scored it, and the only one its headers name
+    model: Any = None
     patients: int | None = None
 
 
@@ -104,12 +108,6 @@ def method_of(scope: Scope) -> str:
     return scope["method"] if scope["method"] in METHODS else "OTHER"
 
 
-def _serving(scope: Scope) -> Any:
-    """The slot's model, for responses that took none (a 413 before routing): one read."""
-    slot = getattr(getattr(scope.get("app"), "state", None), "slot", None)
-    return getattr(slot, "model", None)
-
-
 def model_headers(model: Any) -> dict[str, str]:
     """X-Model-Name, -Version, -Alias: which model answered, for clients and proxies that
     log headers but not bodies (a version or alias the model has not is left out)."""
@@ -119,13 +117,18 @@ def model_headers(model: Any) -> dict[str, str]:
 
 
 class AccessLog:
-    """One access record per request and the X-Request-ID and X-Model-* response headers.
+    """One access record per request, its metrics (through `observe`), and the
+    X-Request-ID and X-Model-* response headers.
 
     Pure ASGI (no BaseHTTPMiddleware), outermost of ours: its latency includes the body
-    limit, and its headers reach every response of ours, 413s and 500s included."""
+    limit, and its headers reach every response of ours, 413s and 500s included. A response
+    names a model only if the request took one through the authenticated dependency
+    (`took`): a caller without a key (a 401, a 413 from the body limit, which runs before
+    the key check, a 405, a webhook's 400) learns nothing about what serves."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, observe: Observer | None = None) -> None:
         self.app = app
+        self.observe = observe
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -135,39 +138,42 @@ class AccessLog:
         context = RequestContext(request_id(scope))
         token = _current.set(context)
         status: int | None = None
-        answered: Any = None  # the model the headers named
 
         async def sending(message: Message) -> None:
-            nonlocal status, answered
+            nonlocal status
             if message["type"] == "http.response.start":
                 status = int(message["status"])
-                answered = context.model or _serving(scope)
                 message.setdefault("headers", [])
                 headers = MutableHeaders(scope=message)
                 headers["x-request-id"] = context.request_id
-                if (answered is not None and status not in UNNAMED_STATUSES
-                        and route_of(scope).startswith("/v1/")):
-                    headers.update(model_headers(answered))
+                if context.model is not None:
+                    headers.update(model_headers(context.model))
             await send(message)
 
         error: BaseException | None = None
         try:
             await self.app(scope, receive, sending)
+        except ClientDisconnect:  # gone mid-upload: nothing to answer, nothing went wrong
+            status = CLIENT_CLOSED
         except Exception as caught:
             error = caught
             if status is None:  # the client still gets a request id to quote
                 await _internal_error(sending)
             raise
         finally:
-            self._record(scope, context, status or 500, answered, started, error)
+            answered = status or 500
+            elapsed = time.perf_counter() - started
+            self._record(scope, context, answered, elapsed, error)
+            if self.observe is not None:
+                self.observe(route_of(scope), method_of(scope), answered, elapsed)
             _current.reset(token)
 
     @staticmethod
-    def _record(scope: Scope, context: RequestContext, status: int, model: Any,
-                started: float, error: BaseException | None) -> None:
-        method, route = method_of(scope), route_of(scope)
+    def _record(scope: Scope, context: RequestContext, status: int, elapsed: float,
+                error: BaseException | None) -> None:
+        method, route, model = method_of(scope), route_of(scope), context.model
         fields: dict[str, Any] = {"method": method, "route": route, "status": status,
-                                  "latency_ms": round(1000 * (time.perf_counter() - started), 2)}
+                                  "latency_ms": round(1000 * elapsed, 2)}
         if model is not None:
             fields |= {"model_name": model.stored.name, "model_version": model.stored.version,
                        "model_alias": model.alias}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from service.loading import alias_of
 from service.schemas import (
     Contribution,
     Explanation,
@@ -34,7 +34,6 @@ from training.features import feature_schema, model_input
 from training.schema import CLINICAL_BY_NAME, CLINICAL_FIELDS, TREATMENT, is_taxon
 
 LOW_READS = 1000
-ALIAS_URI = re.compile(r"^models:/[^/@]+@(?P<alias>[^/@]+)$")
 log = logging.getLogger("service")
 
 
@@ -53,8 +52,8 @@ class LoadedModel:
     def alias(self) -> str | None:
         """The registry alias this model was loaded through (models:/<name>@<alias>), if
         any: the version is the one the alias named when it was loaded."""
-        match = ALIAS_URI.match(self.stored.source)
-        return match["alias"] if match else None
+        named = alias_of(self.stored.source)
+        return named[1] if named else None
 
     @property
     def integrity(self) -> str:
@@ -224,7 +223,7 @@ def load_model(settings: Settings) -> LoadedModel:
         from training import registry
 
         if settings.tracking_uri:
-            _check_tracking_uri(settings.tracking_uri)
+            check_tracking_uri(settings.tracking_uri)
             mlflow.set_tracking_uri(settings.tracking_uri)
         stored = registry.load(settings.model_uri, settings.model_sha256,
                                public_key=settings.bundle_public_key,
@@ -239,7 +238,7 @@ def load_model(settings: Settings) -> LoadedModel:
     return LoadedModel(stored=stored, compiled=CompiledModel(stored.model))
 
 
-def _check_tracking_uri(uri: str) -> None:
+def check_tracking_uri(uri: str) -> None:
     """A SQLite store must exist: MLflow would silently create an empty one."""
     if uri.startswith("sqlite:///"):
         path = Path(uri.removeprefix("sqlite:///"))

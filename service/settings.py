@@ -9,6 +9,8 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MIB = 1024 * 1024
+MIN_WEBHOOK_SECRET = 32  # characters: an HMAC key anyone could guess authenticates nothing
+LogFormat = Literal["json", "text"]
 
 
 class Settings(BaseSettings):
@@ -59,15 +61,18 @@ class Settings(BaseSettings):
                     "when unset.")
     poll_seconds: float = Field(
         30.0, ge=0, description="For models:/<name>@<alias>: how often to ask the registry "
-                                "where the alias points, in seconds; 0 turns polling off.")
+                                "where the alias points, in seconds (at least 1); 0 turns "
+                                "polling off.")
     webhook_secret: SecretStr | None = Field(
-        None, description="Shared secret of MLflow's registry webhook: POST /v1/webhooks/mlflow "
-                          "accepts only deliveries whose X-MLflow-Signature (HMAC-SHA256) it "
-                          "verifies; the endpoint is off when unset.")
+        None, description="Shared secret of MLflow's registry webhook, at least "
+                          f"{MIN_WEBHOOK_SECRET} characters: POST /v1/webhooks/mlflow accepts "
+                          "only deliveries whose X-MLflow-Signature (HMAC-SHA256) it verifies; "
+                          "the endpoint is off when unset, and a shorter (or empty) secret "
+                          "stops the service from starting.")
     webhook_max_age_seconds: int = Field(
         300, ge=1, description="Webhook deliveries whose X-MLflow-Timestamp is older (or "
                                "further in the future) than this are refused as replays.")
-    log_format: Literal["json", "text"] = Field(
+    log_format: LogFormat = Field(
         "json", description="json: one JSON object per line (request id, route, status, "
                             "latency, model version; never a payload); text: for a terminal.")
     shutdown_grace_seconds: float = Field(
@@ -78,6 +83,24 @@ class Settings(BaseSettings):
     load_retry_max_seconds: float = Field(
         60.0, gt=0, description="Longest wait between attempts to load the model at start-up "
                                 "(exponential backoff from 1 s).")
+
+    @field_validator("poll_seconds")
+    @classmethod
+    def _poll_off_or_sensible(cls, value: float) -> float:
+        """0 is off; a sub-second poll would ask the registry many times a second."""
+        if 0 < value < 1:
+            raise ValueError("ITP_POLL_SECONDS is 0 (off) or at least 1 second")
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _long_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        """An empty or short secret is an HMAC key anyone can sign with or guess."""
+        if value is not None and len(value.get_secret_value()) < MIN_WEBHOOK_SECRET:
+            raise ValueError(f"ITP_WEBHOOK_SECRET must be at least {MIN_WEBHOOK_SECRET} "
+                             "characters (e.g. `openssl rand -hex 24`); unset it to turn the "
+                             "webhook off")
+        return value
 
     @field_validator("api_keys", mode="before")
     @classmethod

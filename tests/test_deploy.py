@@ -23,7 +23,7 @@ from pydantic import AliasChoices
 
 from service.app import create_app
 from service.cli import THREAD_VARIABLES
-from service.settings import Settings
+from service.settings import MIN_WEBHOOK_SECRET, Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -70,7 +70,8 @@ def settings_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Setti
         if name.startswith(("ITP_", "MLFLOW_")):
             monkeypatch.delenv(name)
     for name, value in env.items():
-        monkeypatch.setenv(name, INTERPOLATION.sub("placeholder", value))
+        # a secret as deploy/.env holds one: 48 characters (the webhook's needs 32 or more)
+        monkeypatch.setenv(name, INTERPOLATION.sub("p" * 48, value))
     return Settings()
 
 
@@ -235,8 +236,8 @@ def test_proxy_balances_both_replicas_and_hides_internal_routes() -> None:
     body = re.search(r"client_max_body_size\s+(\w+);", NGINX)
     assert body and nginx_size(body[1]) > Settings.model_fields["max_body_bytes"].default
     hidden = re.findall(r"location\s+(?:=|\^~)\s+(\S+)\s*\{\s*return 404;", NGINX)
-    paths = routes(admin_token="admin")
-    for prefix in ("/metrics", "/v1/model/reload"):
+    paths = routes(admin_token="admin", webhook_secret="w" * MIN_WEBHOOK_SECRET)
+    for prefix in ("/metrics", "/v1/model/reload", "/v1/webhooks/"):
         assert prefix in hidden
         assert any(path.startswith(prefix) for path in paths), prefix  # a real route
     assert "/v1/predict" not in hidden and "/v1/model" not in hidden
@@ -530,3 +531,30 @@ def test_doc_points_at_files_that_exist_and_the_real_commands() -> None:
     assert "docs/benchmarks.md" in text and "Serving image size" in text
     for route in ("/ready", "/health", "/v1/model", "/metrics"):
         assert f"`{route}`" in text or f"`GET {route}`" in text, route
+
+
+def section(title: str) -> str:
+    """The text of docs/deploy.md's `## title` section."""
+    text = DOC.read_text()
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else None]
+
+
+def test_doc_kubernetes_webhook_names_what_mlflow_needs_for_a_cluster_url() -> None:
+    """The Service URL is plain HTTP on a private ClusterIP: MLflow refuses it unless told."""
+    kubernetes = section("Kubernetes")
+    assert "Service URL" in kubernetes
+    assert "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS=true" in kubernetes
+    assert "MLFLOW_WEBHOOK_ALLOWED_SCHEMES=http,https" in kubernetes
+
+
+def test_doc_generates_webhook_secrets_long_enough() -> None:
+    """Every secret the doc generates is one the service accepts as ITP_WEBHOOK_SECRET."""
+    text = DOC.read_text()
+    sizes = [int(n) for n in re.findall(r"token_hex\((\d+)\)", text)]
+    sizes += [int(n) for n in re.findall(r"openssl rand -hex (\d+)", text)]
+    assert sizes and all(2 * n >= MIN_WEBHOOK_SECRET for n in sizes), sizes
+    assert f"at least {MIN_WEBHOOK_SECRET} characters" in text
+    script = (DEPLOY / "register_webhooks.py").read_text()
+    assert f"MIN_SECRET = {MIN_WEBHOOK_SECRET}" in script

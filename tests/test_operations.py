@@ -8,6 +8,7 @@ bundle the e2e training exported.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import socket
@@ -20,6 +21,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
 
 from service.app import create_app
 from service.loading import ModelSlot
@@ -28,6 +30,7 @@ from service.settings import Settings
 from tests.conftest import BIN, MODEL, Server, Trained, start_server, stop_server
 from tests.test_e2e import patients_from_cohort
 from tests.test_service import CORPUS, KEY, MIB, SECRET, TAXON, _post, _with, serving
+from training.bundle import StoredModel
 
 pytestmark = pytest.mark.e2e
 
@@ -98,7 +101,11 @@ def test_each_bad_request_logs_one_json_access_record_and_nothing_it_sent(
     (access,) = _access(records, request_id)
     assert access["status"] == status and access["route"] == "/v1/predict"
     assert access["method"] == "POST" and access["latency_ms"] >= 0
-    assert access["level"] == "INFO" and access["model_version"] == "1"
+    assert access["level"] == "INFO"
+    if status == 413:  # refused by the body limit, before the key check: no model named
+        assert "model_version" not in access and "x-model-version" not in response.headers
+    else:
+        assert access["model_version"] == "1"
     assert "patients" not in access  # nobody was scored
     assert not _leaks(records, _sent(patient))
 
@@ -174,6 +181,104 @@ def test_an_unexpected_error_is_a_500_with_a_request_id_logged_without_its_messa
     assert access["error"]["type"] == "builtins.ValueError"
     assert "in boom" in access["error"]["stack"]
     assert not _leaks(records, (SECRET,))
+
+
+def _stand_in(version: str = "1") -> LoadedModel:
+    """A model object for tests that never score: what headers and records name."""
+    stored = StoredModel(model=None, name=MODEL, version=version,  # type: ignore[arg-type]
+                         run_id="run", source="models:/itp-response@champion",
+                         digest="0" * 64, metadata={})
+    return LoadedModel(stored=stored, compiled=None)  # type: ignore[arg-type]
+
+
+def test_a_client_gone_mid_upload_is_a_499_at_info_with_nothing_sent(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Starlette's ClientDisconnect from request.body(): not a 500, no stack, no re-raise
+    (uvicorn would log "Exception in ASGI application"), counted as 499."""
+    settings = Settings(model_uri="models:/itp-response@champion", tracking_uri=None,
+                        log_format="json")
+    slot = ModelSlot(settings, _never)
+    slot.model = _stand_in()
+    app = create_app(settings, slot)
+    sent: list[dict[str, Any]] = []
+    messages = iter([{"type": "http.request", "body": b'{"patients": [', "more_body": True},
+                     {"type": "http.disconnect"}])
+
+    async def receive() -> dict[str, Any]:
+        return next(messages, {"type": "http.disconnect"})
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/predict",
+             "raw_path": b"/v1/predict", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"),
+                         (b"x-request-id", b"gone-1")],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    before = REGISTRY.get_sample_value("itp_http_requests_total", {
+        "route": "/v1/predict", "method": "POST", "status": "499"}) or 0.0
+    capsys.readouterr()
+    asyncio.run(app(scope, receive, send))  # returns: nothing re-raised
+    records = _records(capsys.readouterr().err)
+    assert sent == []  # nobody to answer
+    (access,) = _access(records, "gone-1")
+    assert (access["level"], access["status"]) == ("INFO", 499) and "error" not in access
+    assert not [r for r in records if r["level"] in ("ERROR", "WARNING")]
+    assert REGISTRY.get_sample_value("itp_http_requests_total", {
+        "route": "/v1/predict", "method": "POST", "status": "499"}) == before + 1
+    assert not REGISTRY.get_sample_value("itp_http_requests_total", {
+        "route": "/v1/predict", "method": "POST", "status": "500"})
+
+
+def test_ready_is_coarse_and_the_reasons_are_behind_the_key() -> None:
+    """/ready is public: ready or not, a reason code, name and version; an error message
+    (registry URL, host, file path) only in /v1/model, with a key."""
+    def failing(settings: Settings) -> LoadedModel:
+        raise RuntimeError("cannot reach http://registry.internal:5000 for /srv/secret/m.db")
+
+    settings = Settings(model_uri="models:/itp-response@champion", tracking_uri=None,
+                        api_keys=KEY)
+    with serving(settings, ModelSlot(settings, failing), ready=False) as client:
+        deadline = time.monotonic() + 30
+        while not (ready := client.get("/ready")).json()["last_failure"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert ready.status_code == 503
+        assert ready.json()["reason"] == "load_failed"
+        assert "registry.internal" not in ready.text and "/srv/secret" not in ready.text
+        assert client.get("/v1/model").status_code == 401
+        details = client.get("/v1/model", headers={"x-api-key": KEY})
+        assert details.status_code == 503
+        assert "registry.internal" in details.json()["last_failure"]["error"]
+    slot = ModelSlot(settings, _never)
+    slot.model = _stand_in("7")
+    with TestClient(create_app(settings, slot)) as client:
+        ready = client.get("/ready")
+        assert ready.status_code == 200
+        assert ready.json() == {"status": "ready", "reason": "serving",
+                                "model": {"name": MODEL, "version": "7",
+                                          "alias": "champion"},
+                                "last_reload_failure": None}
+
+
+def test_no_model_is_named_to_a_caller_without_a_key() -> None:
+    """Only the model a request took after the key check is named: not on a 413 from the
+    body limit (which runs before the key check), a 405 or a 401."""
+    settings = Settings(model_uri="models:/itp-response@champion", tracking_uri=None,
+                        api_keys=KEY, max_body_bytes=1024)
+    slot = ModelSlot(settings, _never)
+    slot.model = _stand_in()
+    with TestClient(create_app(settings, slot)) as client:
+        answers = [_post(client, b"x" * 4096), client.get("/v1/predict"),
+                   _post(client, {"patients": []}), client.get("/v1/model")]
+        assert [a.status_code for a in answers] == [413, 405, 401, 401]
+        for answer in answers:
+            assert not [h for h in answer.headers if h.startswith("x-model-")], (
+                answer.status_code, answer.headers)
+        keyed = client.post("/v1/predict", content=b"{}", headers={"x-api-key": KEY})
+        assert keyed.status_code == 415  # took the model after the key check: named
+        assert keyed.headers["x-model-version"] == "1"
 
 
 # --- every response names the model ---------------------------------------------------------

@@ -31,7 +31,7 @@ from tests.test_e2e import patients_from_cohort
 
 pytestmark = pytest.mark.e2e
 
-SECRET = "registry-webhook-secret"
+SECRET = "registry-webhook-secret-" + "0" * 16  # ITP_WEBHOOK_SECRET: 32 characters or more
 ALIAS_URI = f"models:/{MODEL}@champion"
 # small and quick: the point is the registry, not the model (tests/conftest.py trains the
 # demo-sized one)
@@ -165,7 +165,9 @@ def register_tampered_golden(client: object, version: str, workdir: Path) -> str
 
 
 def rejection(server: Server) -> dict | None:
-    return httpx.get(f"{server.url}/ready", timeout=5).json().get("last_reload_failure")
+    """The last failed reload with its full reason: in /v1/model (no keys set here); the
+    public /ready has only a reason code."""
+    return httpx.get(f"{server.url}/v1/model", timeout=5).json().get("last_reload_failure")
 
 
 def served(server: Server) -> str | None:
@@ -198,10 +200,10 @@ def test_services_follow_the_alias_under_load_by_polling_and_by_webhook(
         client.create_webhook(name="itp-serve", url=f"{hooked.url}/v1/webhooks/mlflow",
                               events=["model_version_alias.created"], secret=SECRET)
         assert served(polling) == served(hooked) == "1"
-        ready = httpx.get(f"{hooked.url}/ready", timeout=5).json()
-        assert ready["follow"]["poll_seconds"] is None and ready["follow"]["webhook"]
-        assert ready["checks"] == {"compatible": "passed", "golden": "passed",
-                                   "additive": "passed"}
+        info = httpx.get(f"{hooked.url}/v1/model", timeout=5).json()
+        assert info["follow"]["poll_seconds"] is None and info["follow"]["webhook"]
+        assert info["checks"] == {"compatible": "passed", "golden": "passed",
+                                  "additive": "passed"}
 
         known = set(httpx.get(f"{polling.url}/v1/model", timeout=5).json()[
             "feature_schema"]["treatments"])
@@ -224,6 +226,8 @@ def test_services_follow_the_alias_under_load_by_polling_and_by_webhook(
             wait_for(lambda s=server: (rejection(s) or {}).get("outcome") == "rejected",
                      f"the {name} service to reject version {bad}", 60)
             assert served(server) == "1" and "golden" in rejection(server)["error"]
+            ready = httpx.get(f"{server.url}/ready", timeout=5).json()  # public: a code
+            assert ready["last_reload_failure"]["error"] == "golden_check_failed"
         load.finish()
 
         assert not load.errors
@@ -232,7 +236,7 @@ def test_services_follow_the_alias_under_load_by_polling_and_by_webhook(
             versions = load.versions(name)
             assert "1" in versions and "2" in versions, (name, sorted(set(map(str, versions))))
             assert bad not in versions and versions[-1] == "1"  # the rejected one never served
-        follow = httpx.get(f"{hooked.url}/ready", timeout=5).json()["follow"]
+        follow = httpx.get(f"{hooked.url}/v1/model", timeout=5).json()["follow"]
         assert follow["registry_version"] == bad  # asked the registry: woken by the webhook
         metrics = httpx.get(f"{hooked.url}/metrics", timeout=5).text
         assert 'itp_model_loads_total{outcome="loaded"} 3.0' in metrics

@@ -357,9 +357,12 @@ def test_a_missing_sqlite_store_is_an_error_not_a_new_database(tmp_path: Path) -
         while not (body := client.get("/ready").json())["last_failure"]:
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        assert "no such database file" in body["reason"]
+        assert body["reason"] == "load_failed"  # public: a code, never the store's path
         assert body["last_failure"]["attempts"] >= 1
         assert body["last_failure"]["next_attempt_in_s"] is not None  # retried with backoff
+        details = client.get("/v1/model")  # behind the key (none here): the whole reason
+        assert details.status_code == 503
+        assert "no such database file" in details.json()["last_failure"]["error"]
     assert not store.exists()
 
 

@@ -7,9 +7,13 @@ deserialises but scores differently (another library version, a broken compile s
 refused rather than served.
 
 The patients are aggregates, never a patient's row: per treatment group (of at least
-`MIN_GROUP` episodes; the whole cohort otherwise), the median of each number, the majority
-of each yes/no, the most frequent category and the mean reads of each taxon. They carry no
-identifiers and go into the model's MLmodel metadata, so the model digest covers them.
+`MIN_GROUP` episodes; the whole cohort otherwise), the median of each number (rounded to
+`SIGNIFICANT` significant digits), the majority of each yes/no, the most frequent category
+and the mean reads of each taxon. A field measured in fewer than `MIN_GROUP` episodes of
+the group is left out (missing), since its "median" would be one patient's value; a cohort
+under `MIN_GROUP` episodes gets no golden patients at all (the service then reports the
+golden check as skipped). They carry no identifiers and go into the model's MLmodel
+metadata, so the model digest covers them.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ GOLDEN_KEY = "golden"
 FORMAT = 1
 MAX_PATIENTS = 5
 MIN_GROUP = 10  # episodes behind an aggregate, so that no one patient shows through
+SIGNIFICANT = 2  # digits kept of a median: coarse, so no one patient's value shows through
 MAX_TAXA = 50  # the most abundant taxa of each aggregate: the metadata stays small
 
 
@@ -37,6 +42,8 @@ def golden_patients(X: pd.DataFrame, treatments: list[str]) -> list[dict[str, An
     One per treatment the model knows (the most frequent first, up to `MAX_PATIENTS` - 1),
     and one with only the required field, so missing-value handling is covered too.
     """
+    if len(X) < MIN_GROUP:  # no aggregate hides one patient: no golden record
+        return []
     taxa = [c for c in X.columns if is_taxon(c)]
     counts = bool(taxa) and bool((X[taxa].fillna(0) % 1 == 0).all().all())
     frequent = X[TREATMENT].value_counts()
@@ -49,7 +56,7 @@ def golden_patients(X: pd.DataFrame, treatments: list[str]) -> list[dict[str, An
                          "clinical": _clinical(rows),
                          "microbiome": {"counts": _reads(rows[taxa], counts)}})
     if chosen:
-        platelets = float(X["baseline_platelets"].median())
+        platelets = _coarse(float(X["baseline_platelets"].median()))
         patients.append({"patient_id": f"golden-{len(patients) + 1}", "treatment": chosen[0],
                          "clinical": {"baseline_platelets": platelets},
                          "microbiome": {"counts": _reads(X[taxa], counts)}})
@@ -62,19 +69,25 @@ def _clinical(rows: pd.DataFrame) -> dict[str, Any]:
         if field.name in ("bleeding_score", "bleeding_scale"):
             continue
         values = rows[field.name].dropna()
-        if values.empty:
+        if len(values) < MIN_GROUP:  # measured in too few: leave it missing
             continue
         if field.kind == Kind.NUMBER:
-            clinical[field.name] = float(values.median())
+            clinical[field.name] = _coarse(float(values.median()))
         elif field.kind == Kind.BOOLEAN:
             clinical[field.name] = bool(values.astype(float).mean() >= 0.5)
         else:
             clinical[field.name] = str(values.mode().iloc[0])
     bleeding = rows[["bleeding_score", "bleeding_scale"]].dropna()
-    if not bleeding.empty:  # score and scale together: a WHO grade on the ITP-BAT scale fails
+    # score and scale together (a WHO grade on the ITP-BAT scale fails), from enough episodes
+    if len(bleeding) >= MIN_GROUP:
         score, scale = bleeding.value_counts().index[0]
         clinical |= {"bleeding_score": str(score), "bleeding_scale": str(scale)}
     return clinical
+
+
+def _coarse(value: float) -> float:
+    """`value` to `SIGNIFICANT` significant digits (37.25 -> 37.0, 0.01234 -> 0.012)."""
+    return float(f"{value:.{SIGNIFICANT}g}")
 
 
 def _reads(taxa: pd.DataFrame, counts: bool) -> dict[str, float]:
