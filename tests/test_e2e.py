@@ -191,7 +191,8 @@ def test_health_ready_and_model_description(registry_server: Server, trained: Tr
     assert info["recalibration"]["slope"] > 0 and 0 < info["threshold"] < 1
     assert set(info["microbiome_added_value"]) == {"auroc_difference", "ci_low", "ci_high"}
     schema = info["feature_schema"]
-    assert schema["rank"] == "genus" and len(schema["taxa_vocabulary"]) >= 100
+    assert schema["rank"] in ("genus", "species")  # chosen in inner CV
+    assert len(schema["taxa_vocabulary"]) >= 100
     assert schema["abundance"] == "counts" and schema["profile_source"] == "table"
     platelets = next(f for f in schema["clinical"] if f["name"] == "baseline_platelets")
     assert platelets["unit"] == "x10^9/L" and len(platelets["training_range"]) == 2
@@ -217,7 +218,8 @@ def test_one_patient_shap_sums_exactly_to_the_log_odds(
     by_feature = {c["feature"]: c for c in explanation["contributions"]}
     assert not [f for f in by_feature if "|" in f or f.startswith("missingindicator_")]
     taxa = [c for f, c in by_feature.items() if f.startswith("d__")]
-    assert taxa and all(c["unit"] == "CLR" and c["label"].endswith("(genus)") for c in taxa)
+    rank = httpx.get(f"{registry_server.url}/v1/model").json()["feature_schema"]["rank"]
+    assert taxa and all(c["unit"] == "CLR" and c["label"].endswith(f"({rank})") for c in taxa)
     assert all(0 <= c["relative_abundance_pct"] <= 100 for c in taxa)
     assert sum(c["relative_abundance_pct"] for c in taxa) <= 100 + 1e-6
     assert by_feature["baseline_platelets"]["unit"] == "x10^9/L"

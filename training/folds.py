@@ -2,15 +2,16 @@
 
 A model cannot score a treatment that its training fold never saw. Stratifying on the
 outcome alone lets a treatment with a handful of patients fall wholly into one test fold; so
-a rare treatment (fewer than `RARE_PER_FOLD` episodes per fold) gets strata of its own,
-which spread its patients, responders and non-responders over the folds, in the outer and
-the inner loops alike.
+a rare treatment (fewer than `RARE_PER_FOLD` episodes per fold) is a stratum of its own,
+which spreads its patients over the folds, in the outer and the inner loops alike. Common
+treatments share one stratum per outcome.
 
-Common treatments share one stratum per outcome. Stratifying them on treatment x outcome
-too would copy the cohort's chance association of treatment and outcome into every test
-fold, and a model that learns per-treatment response rates would be rewarded for it: under
-permuted labels the nested CV AUROC came out 0.532 (5 null cohorts) against 0.502 with
-common treatments pooled (docs/benchmarks.md). Patients stay whole (grouped).
+No treatment is stratified on treatment x outcome: that copies the cohort's chance
+association of treatment and outcome into every test fold, and a model that learns
+per-treatment response rates is rewarded for it. Null cohorts scored a nested CV AUROC of
+0.532 with every treatment so stratified (5 cohorts), 0.502 with common treatments pooled;
+a per-treatment-rate model on noise labels 0.550, 0.527 with only the rare treatments so
+stratified, 0.490 with these folds (tests/test_folds.py). Patients stay whole (grouped).
 """
 
 from __future__ import annotations
@@ -29,15 +30,15 @@ COMMON = "common"
 
 
 def strata(X: object, y: np.ndarray, n_splits: int) -> np.ndarray:
-    """Outcome labels, prefixed by the treatment for rare treatments (and by "common" for
-    the others) when X carries the treatment."""
+    """When X carries the treatment: the treatment for rare treatments, "common|<outcome>"
+    for the others; else the outcome."""
     y = np.asarray(y)
     if not (isinstance(X, pd.DataFrame) and TREATMENT in X.columns):
         return y
     treatment = X[TREATMENT].astype(str)
     rare = treatment.map(treatment.value_counts()).to_numpy() < RARE_PER_FOLD * n_splits
-    prefix = np.where(rare, treatment.to_numpy(dtype=object), COMMON).astype(object)
-    return prefix + "|" + y.astype(str).astype(object)
+    common = COMMON + "|" + y.astype(str).astype(object)
+    return np.where(rare, treatment.to_numpy(dtype=object), common).astype(object)
 
 
 class TreatmentStratifiedGroupKFold(StratifiedGroupKFold):
