@@ -10,7 +10,7 @@ No treatment is stratified on treatment x outcome: that copies the cohort's chan
 association of treatment and outcome into every test fold, and a model that learns
 per-treatment response rates is rewarded for it. Null cohorts scored a nested CV AUROC of
 0.532 with every treatment so stratified (5 cohorts), 0.502 with common treatments pooled,
-0.481 with these folds (the small pessimism of held-out rates, never optimism);
+0.481 with these folds (held-out rates run slightly against the training ones);
 a per-treatment-rate model on noise labels 0.550, 0.527 with only the rare treatments so
 stratified, 0.490 with these folds (tests/test_folds.py). Patients stay whole (grouped).
 """
