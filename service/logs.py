@@ -163,15 +163,16 @@ class AccessLog:
         finally:
             answered = status or 500
             elapsed = time.perf_counter() - started
-            self._record(scope, context, answered, elapsed, error)
+            method, route = method_of(scope), route_of(scope)  # once: may scan the routes
+            self._record(method, route, context, answered, elapsed, error)
             if self.observe is not None:
-                self.observe(route_of(scope), method_of(scope), answered, elapsed)
+                self.observe(route, method, answered, elapsed)
             _current.reset(token)
 
     @staticmethod
-    def _record(scope: Scope, context: RequestContext, status: int, elapsed: float,
-                error: BaseException | None) -> None:
-        method, route, model = method_of(scope), route_of(scope), context.model
+    def _record(method: str, route: str, context: RequestContext, status: int,
+                elapsed: float, error: BaseException | None) -> None:
+        model = context.model
         fields: dict[str, Any] = {"method": method, "route": route, "status": status,
                                   "latency_ms": round(1000 * elapsed, 2)}
         if model is not None:
