@@ -21,8 +21,8 @@ from training.evaluation import (
     permutation_control,
 )
 from training.features import TaxonomyAligner
-from training.model import FAMILIES, Family, FeatureBlocks, FeatureConfig
-from training.structure import LinearDesign
+from training.model import FAMILIES, Family, FeatureBlocks, FeatureConfig, SearchForm
+from training.structure import BlockWeights, LinearDesign
 from training.tuning import ModelSearch, ResponseModel, recalibration
 
 
@@ -56,6 +56,16 @@ class SpyDesign(LinearDesign):
         return super().transform(X)
 
 
+class SpyWeights(BlockWeights):
+    def fit(self, X: pd.DataFrame, y: object = None) -> SpyWeights:
+        Spy.record("fit", X)
+        return super().fit(X, y)
+
+    def transform(self, X: pd.DataFrame) -> np.ndarray:
+        Spy.record("transform", X)
+        return super().transform(X)
+
+
 def _spied_linear(config: FeatureConfig, seed: int) -> Pipeline:
     pipeline = model_module._linear(config, seed)
     steps = dict(pipeline.steps)
@@ -64,11 +74,20 @@ def _spied_linear(config: FeatureConfig, seed: int) -> Pipeline:
     return Pipeline(list(steps.items()))
 
 
+def _spied_linear_search(config: FeatureConfig, seed: int) -> SearchForm:
+    """The shipped search form of the linear family, its design and weights spied on."""
+    form = model_module._linear_search(config, seed)
+    design = SpyDesign(**form.prepare.get_params()).set_output(transform="pandas")
+    head = Pipeline([("weights", SpyWeights()), *form.head.steps[1:]])
+    return SearchForm(head=head, prepare=design, rename=form.rename)
+
+
 @pytest.fixture
 def spied(monkeypatch: pytest.MonkeyPatch) -> str:
     linear = FAMILIES["linear"]
-    monkeypatch.setitem(FAMILIES, "spied", Family("spied", "linear with spies", _spied_linear,
-                                                  linear.space, linear.n_iter))
+    monkeypatch.setitem(FAMILIES, "spied", Family(
+        "spied", "linear with spies", _spied_linear, linear.space, linear.n_iter,
+        linear.complexity, linear.region, _spied_linear_search))
     Spy.events.clear()
     return "spied"
 

@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 from sklearn.pipeline import make_pipeline
 
-from training.model import FAMILIES
+from tests.helpers import cohort
+from training.model import FAMILIES, FEATURE_STEPS, FeatureConfig, _linear
 from training.structure import LinearDesign, PenalisedLogistic
 from training.tuning import ModelSearch
 
@@ -66,3 +67,24 @@ def test_one_standard_error_rule_stays_within_the_best_penalty_kind() -> None:
     assert search.best_of()["params"] == rows[0][0]
     search.results_["region"] = ""  # without regions the ridge would win on "complexity"
     assert search.best_of()["params"] == rows[2][0]
+
+
+def test_the_search_form_scores_what_the_served_pipeline_computes() -> None:
+    """The inner search fits the design once and weights its columns per configuration: for
+    every feature set and weighting that must be the served pipeline's design exactly."""
+    X, y, _ = cohort(90, seed=3)  # with missing values and treatments of >= 25 episodes
+    config = FeatureConfig(missing_indicators=True)
+    features = FAMILIES["linear"].build(config, 0)[:FEATURE_STEPS].fit_transform(X, y)
+    form = FAMILIES["linear"].searched(config, 0)
+    prepared = form.prepare.fit_transform(features)
+    assert any("|" in c for c in prepared.columns)
+    assert any(c.startswith("missingindicator_") for c in prepared.columns)
+    for grid in FAMILIES["linear"].space("fast"):
+        params = {k: v[-1] for k, v in grid.items() if not k.startswith("model__")}
+        served = _linear(config, 0)[FEATURE_STEPS:-1].set_params(**params)
+        searched = form.head[:-1].set_params(**{form.rename[k]: v for k, v in params.items()})
+        expected = served.fit_transform(features)
+        assert list(searched.fit(prepared).get_feature_names_out()) == list(
+            served.get_feature_names_out())
+        np.testing.assert_allclose(searched.transform(prepared), expected, atol=1e-12)
+        assert expected.shape[1] < prepared.shape[1] or params["blocks__blocks"] == "combined"

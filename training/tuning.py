@@ -179,21 +179,27 @@ class ModelSearch(ClassifierMixin, BaseEstimator):
 
     def _search(self, family: str, features: pd.DataFrame, y: np.ndarray,
                 groups: np.ndarray) -> list[dict[str, Any]]:
-        head = self._pipeline(family)[FEATURE_STEPS:]
-        space = FAMILIES[family].space(self.preset)
-        n_iter = FAMILIES[family].n_iter.get(self.preset)
+        spec = FAMILIES[family]
+        form = spec.searched(self.features or FeatureConfig(), self.seed)
+        if form.prepare is not None:
+            features = form.prepare.fit_transform(features)
+        space = [{form.rename.get(k, k): v for k, v in grid.items()}
+                 for grid in spec.space(self.preset)]
+        n_iter = spec.n_iter.get(self.preset)
         common = {"scoring": self.scoring, "cv": self._cv(), "refit": False, "n_jobs": 1,
                   "error_score": "raise"}
-        search = (GridSearchCV(head, space, **common) if n_iter is None else
-                  RandomizedSearchCV(head, space, n_iter=n_iter, random_state=self.seed,
+        search = (GridSearchCV(form.head, space, **common) if n_iter is None else
+                  RandomizedSearchCV(form.head, space, n_iter=n_iter, random_state=self.seed,
                                      **common))
         search.fit(features, y, groups=groups)
         cv = search.cv_results_
-        complexity, region = FAMILIES[family].complexity, FAMILIES[family].region
+        back = {v: k for k, v in form.rename.items()}
+        configurations = [{back.get(k, k): v for k, v in params.items()}
+                          for params in cv["params"]]
         return [{"family": family, "feature_set": feature_set(params), "params": params,
                  "inner_score": float(score), "inner_score_sd": float(sd),
-                 "complexity": complexity(params), "region": region(params)}
-                for params, score, sd in zip(cv["params"], cv["mean_test_score"],
+                 "complexity": spec.complexity(params), "region": spec.region(params)}
+                for params, score, sd in zip(configurations, cv["mean_test_score"],
                                              cv["std_test_score"], strict=True)]
 
     def best_of(self, family: str | None = None, features: str | None = None) -> pd.Series:
