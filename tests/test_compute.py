@@ -74,7 +74,7 @@ def test_an_unreachable_scheduler_is_a_clear_error(cohort_dir: Path, tmp_path: P
     from training.compute import ComputeError
 
     with pytest.raises(ComputeError, match="cannot reach the Dask scheduler"), \
-            dask_backend("tcp://127.0.0.1:9"):
+            dask_backend("tcp://127.0.0.1:9", timeout=2):
         pass
 
 

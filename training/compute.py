@@ -30,9 +30,10 @@ class ComputeError(RuntimeError):
 
 
 @contextlib.contextmanager
-def dask_backend(scheduler: str | None) -> Iterator[int]:
-    """Run joblib work on the Dask cluster at `scheduler`; yields the n_jobs to use
-    (-1: all workers). Without a scheduler, a no-op that yields 0 (keep the local n_jobs)."""
+def dask_backend(scheduler: str | None, timeout: float = 20.0) -> Iterator[int]:
+    """Run joblib work on the Dask cluster at `scheduler`, reached within `timeout` seconds;
+    yields the n_jobs to use (-1: all workers). Without a scheduler, a no-op that yields 0
+    (keep the local n_jobs)."""
     if not scheduler:
         yield 0
         return
@@ -42,7 +43,7 @@ def dask_backend(scheduler: str | None) -> Iterator[int]:
         raise ComputeError("--dask-scheduler needs dask.distributed: pip install "
                            "'itp-response[dask]'") from None
     try:
-        client = Client(scheduler, timeout="20s")
+        client = Client(scheduler, timeout=f"{timeout}s")
     except OSError as exc:
         raise ComputeError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
     with client:
