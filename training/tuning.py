@@ -126,9 +126,10 @@ class ModelSearch(ClassifierMixin, BaseEstimator):
     """Grouped inner CV over families x feature sets x hyperparameters, best by `scoring`.
 
     The label-free feature steps (taxonomy vocabulary, prevalence filter, CLR, clinical
-    encoding) are fitted once on the data `fit` is given, which in nested CV is the outer
-    training fold; every configuration's supervised part (block selection, design, estimator)
-    is then scored on the same grouped inner folds of those features. Anything that sees the
+    encoding, and a family's `SearchForm.prepare`, such as the linear design) are fitted once
+    on the data `fit` is given, which in nested CV is the outer training fold; every
+    configuration's supervised part (block selection and weights, estimator) is then scored
+    on the same grouped inner folds of those features. Anything that sees the
     label, and every choice, is thus made inside the inner folds, and the outer test fold is
     never seen. The best configuration is refitted from raw inputs as a `ResponseModel`
     (`model_`). `results_` holds every configuration's inner score, so the outer loop can also
