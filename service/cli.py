@@ -2,13 +2,38 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import tempfile
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+CGROUP = Path("/sys/fs/cgroup")
+
+
+def available_cpus(cgroup: Path = CGROUP) -> int:
+    """CPUs this process may use: its affinity, capped by a container's CPU quota (cgroup v2
+    `cpu.max`, v1 `cpu.cfs_quota_us`), which `os.cpu_count()` ignores: a pod limited to one
+    CPU on a 64-core node would otherwise run 64 BLAS threads and be throttled. (joblib's
+    `cpu_count` does the same, but importing it loads numpy before the thread variables
+    are set.)"""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+    for quota_file, period_file in (("cpu.max", None),
+                                    ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us")):
+        try:
+            fields = (cgroup / quota_file).read_text().split()
+            if period_file is not None:
+                fields.append((cgroup / period_file).read_text().strip())
+            quota, period = int(fields[0]), int(fields[1])
+        except (OSError, ValueError, IndexError):  # absent, "max" (no limit), unreadable
+            continue
+        if quota > 0 and period > 0:
+            return max(1, min(cpus, math.ceil(quota / period)))
+    return max(1, cpus)
 
 
 def main() -> None:
@@ -17,7 +42,7 @@ def main() -> None:
     settings = Settings()
     # Each worker gets its share of the cores for BLAS/OpenMP, set before numpy loads them,
     # so N workers never run N x cores threads.
-    threads = max(1, (os.cpu_count() or 1) // settings.workers)
+    threads = max(1, available_cpus() // settings.workers)
     for variable in THREAD_VARIABLES:
         os.environ.setdefault(variable, str(threads))
 

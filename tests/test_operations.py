@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -488,3 +490,23 @@ def test_itp_serve_logs_the_corpus_as_json_with_one_access_record_each(
     assert not [r for r in records if r["logger"] == "uvicorn.access"]
     assert any(r["logger"] == "uvicorn.error" and "Started server process" in r["message"]
                for r in records)  # uvicorn's own records are JSON too
+
+
+@pytest.mark.parametrize(("files", "expected"), [
+    ({"cpu.max": "150000 100000\n"}, 2),  # cgroup v2, 1.5 CPUs: rounded up
+    ({"cpu.max": "50000 100000\n"}, 1),
+    ({"cpu.max": "max 100000\n"}, None),  # no limit: the affinity
+    ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),  # v1
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({}, None),
+])
+def test_thread_sizing_follows_the_container_cpu_quota(
+        tmp_path: Path, files: dict[str, str], expected: int | None) -> None:
+    from service.cli import available_cpus
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    affinity = len(os.sched_getaffinity(0))
+    assert available_cpus(tmp_path) == (affinity if expected is None else min(affinity,
+                                                                              expected))
