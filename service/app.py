@@ -288,16 +288,8 @@ def _webhook_route(app: FastAPI, settings: Settings) -> None:
             metrics.WEBHOOKS.labels(f"refused_{refused.status}").inc()
             log.info("webhook delivery refused (%s): %s", refused.status, refused.reason)
             return JSONResponse({"detail": refused.reason}, status_code=refused.status)
-        followed = loading.alias_of(settings.model_uri)
-        reason = None
-        if delivery.event != webhook.ALIAS_CREATED:
-            reason = f"event {delivery.event} is not followed"
-        elif followed is None or not slot.follows:
-            reason = "this service does not serve a models:/<name>@<alias> URI"
-        elif (delivery.data.get("name"), delivery.data.get("alias")) != followed:
-            reason = "another model or alias"
-        elif not replays.first(delivery.delivery_id):
-            reason = "delivery already received"
+        followed = loading.alias_of(settings.model_uri) if slot.follows else None
+        reason = webhook.ignored_because(delivery, followed, replays)
         if reason is not None:
             metrics.WEBHOOKS.labels("ignored").inc()
             return JSONResponse({"status": "ignored", "reason": reason})

@@ -103,3 +103,19 @@ class Replays:
         if len(self._seen) > self.size:
             self._seen.popitem(last=False)
         return True
+
+
+def ignored_because(delivery: Delivery, followed: tuple[str, str] | None,
+                    replays: Replays) -> str | None:
+    """Why a verified delivery needs no action, or None when it concerns the alias this
+    service follows (`followed`: its (name, alias), None when it does not follow one) and
+    is its first delivery. A replay is only counted once everything else matched."""
+    if delivery.event != ALIAS_CREATED:
+        return f"event {delivery.event} is not followed"
+    if followed is None:
+        return "this service does not serve a models:/<name>@<alias> URI"
+    if (delivery.data.get("name"), delivery.data.get("alias")) != followed:
+        return "another model or alias"
+    if not replays.first(delivery.delivery_id):
+        return "delivery already received"
+    return None

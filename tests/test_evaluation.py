@@ -3,6 +3,8 @@ bootstrap, calibration, and end-to-end sanity (shuffled labels ~ chance, real si
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -181,6 +183,18 @@ def test_shap_stability_of_identical_and_of_unrelated_rankings() -> None:
     reversed_ = shap_stability([ranking, pd.Series(np.arange(1.0, 21), index=names)])
     assert reversed_["shap_rank_spearman"] == pytest.approx(-1.0)
     assert reversed_["shap_top10_jaccard"] == 0.0
+
+
+def test_a_fold_whose_model_uses_no_feature_has_no_ranking_to_compare() -> None:
+    names = [f"f{i}" for i in range(20)]
+    ranking = pd.Series(np.arange(20.0, 0, -1), index=names)
+    empty = pd.Series(0.0, index=names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no undefined correlation, no mean of nothing
+        assert shap_stability([ranking, empty, ranking]) == {
+            "shap_rank_spearman": 1.0, "shap_top10_jaccard": 1.0,
+            "shap_folds_without_ranking": 1.0}
+        assert shap_stability([ranking, empty, empty]) == {"shap_folds_without_ranking": 2.0}
 
 
 @pytest.fixture(scope="module")

@@ -686,3 +686,24 @@ def test_the_timestamp_window_with_an_explicit_clock() -> None:
             webhook.verify(SECRET.encode(), {k.lower(): v for k, v in headers.items()}, body,
                            MAX_AGE, now=1000.0)
         assert refused.value.status == 401
+
+
+def test_only_a_first_delivery_for_the_followed_alias_calls_for_action() -> None:
+    followed = ("itp-response", "champion")
+    replays = webhook.Replays()
+
+    def delivery(event: str = webhook.ALIAS_CREATED, name: str = "itp-response",
+                 alias: str = "champion", delivery_id: str = "d1") -> webhook.Delivery:
+        return webhook.Delivery(delivery_id, event, {"name": name, "alias": alias})
+
+    assert "not followed" in webhook.ignored_because(
+        delivery(event="model_version.created"), followed, replays)
+    assert "does not serve" in webhook.ignored_because(delivery(), None, replays)
+    assert webhook.ignored_because(delivery(alias="staging"), followed, replays) == (
+        "another model or alias")
+    assert webhook.ignored_because(delivery(name="other"), followed, replays) == (
+        "another model or alias")
+    # none of those used up the delivery id: the first matching delivery is acted on, once
+    assert webhook.ignored_because(delivery(), followed, replays) is None
+    assert webhook.ignored_because(delivery(), followed, replays) == "delivery already received"
+    assert webhook.ignored_because(delivery(delivery_id="d2"), followed, replays) is None

@@ -287,18 +287,27 @@ def permutation_control(
 
 def shap_stability(importances: list[pd.Series], top: int = 10) -> dict[str, float]:
     """How much the global SHAP ranking moves between outer folds: mean pairwise Spearman
-    correlation of mean |SHAP| and mean Jaccard overlap of the top features."""
+    correlation of mean |SHAP| and mean Jaccard overlap of the top features.
+
+    A fold whose model uses no feature (a lasso at its heaviest penalty on a small cohort:
+    every importance equal) has no ranking to compare; such folds are left out and counted
+    in `shap_folds_without_ranking`, and with fewer than two left there is no statistic."""
     if len(importances) < 2:
         return {}
     frame = pd.concat(importances, axis=1).fillna(0.0)
+    ranked = frame.nunique(axis=0) > 1
+    without = {"shap_folds_without_ranking": float((~ranked).sum())} if not ranked.all() else {}
+    frame = frame.loc[:, ranked]
+    if frame.shape[1] < 2:
+        return without
     rhos, jaccards = [], []
     for i, j in combinations(range(frame.shape[1]), 2):
         rhos.append(spearmanr(frame.iloc[:, i], frame.iloc[:, j]).statistic)
         a = set(frame.iloc[:, i].nlargest(top).index)
         b = set(frame.iloc[:, j].nlargest(top).index)
         jaccards.append(len(a & b) / len(a | b))
-    return {"shap_rank_spearman": float(np.nanmean(rhos)),
-            f"shap_top{top}_jaccard": float(np.mean(jaccards))}
+    return {"shap_rank_spearman": float(np.mean(rhos)),
+            f"shap_top{top}_jaccard": float(np.mean(jaccards)), **without}
 
 
 def check_cohort_size(y: np.ndarray, groups: np.ndarray, n_splits: int,
