@@ -51,7 +51,8 @@ def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None,
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     """A demo-sized cohort trained the way README.md says (`make train`: preset fast, two
-    jobs), with fewer bootstrap resamples."""
+    jobs), with fewer bootstrap resamples and label permutations (the permutation control's
+    own tests are in test_nested, test_train and test_real_data)."""
     workdir = tmp_path_factory.mktemp("e2e")
     tracking_uri = f"sqlite:///{workdir / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
@@ -59,7 +60,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
             "--out", "data/demo", cwd=workdir, env=env)
     completed = run_cli(
         "train", "--data", "data/demo", "--experiment", MODEL, "--register", MODEL,
-        "--alias", "champion", "--bootstrap", "300", "--jobs", "2",
+        "--alias", "champion", "--bootstrap", "300", "--permutations", "2", "--jobs", "2",
         "--export", f"models/{MODEL}", cwd=workdir, env=env,
     )
     return Trained(

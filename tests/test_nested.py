@@ -143,7 +143,7 @@ def test_permuted_labels_score_chance_through_the_nested_procedure() -> None:
     assert real.champion.summary["auroc_mean"] > 0.8
     permuted = permutation_control(search, X, y, groups, config, n_permutations=5)
     assert len(permuted) == 5
-    assert abs(np.mean(permuted) - 0.5) < 0.1
+    assert abs(np.mean(permuted) - 0.5) < 0.1, permuted
 
 
 def test_nested_result_scores_every_feature_set_and_family_on_the_same_folds() -> None:

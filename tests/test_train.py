@@ -125,7 +125,7 @@ def test_null_scenario_scores_as_chance(store: str, tmp_path: Path) -> None:
     data = tmp_path / "null"
     write_cohort(simulate(300, 11, SCENARIOS["null"]), data)
     result = train(TrainConfig(data=data, experiment="null", register=None, alias=None,
-                               cv=CVConfig(n_splits=5, n_repeats=2, n_bootstrap=300),
+                               cv=CVConfig(n_splits=5, n_repeats=1, n_bootstrap=300),
                                **NO_PERMUTATIONS))
     champion = result.summaries["champion"]
     assert champion["auroc_ci_low"] < 0.5 < champion["auroc_ci_high"], champion
