@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from candidates import blend, our_forest
 from environment import environment
 from scipy.special import expit
 from sklearn.ensemble import RandomForestClassifier
@@ -77,18 +78,6 @@ def baselines(seed: int) -> dict[str, object]:
             "SIAMCAT-L1": siamcat}
 
 
-def our_forest(seed: int) -> object:
-    """XGBoost random forest with RF-500's settings (sqrt(p) of ~100 species per split,
-    unlimited depth, small leaves) on our species features, recalibrated."""
-    from training.model import FAMILIES, FeatureConfig
-    from training.tuning import ResponseModel
-
-    forest = FAMILIES["random_forest"].build(FeatureConfig(rank="species"), seed).set_params(
-        model__n_estimators=500, model__max_depth=0, model__grow_policy="lossguide",
-        model__min_child_weight=0.1, model__colsample_bynode=0.1, model__reg_lambda=1e-5)
-    return ResponseModel(forest, seed=seed)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default=",".join(TASKS))
@@ -126,9 +115,9 @@ def main() -> None:
             if args.explore:
                 forest = our_forest(args.seed).fit(X.iloc[train], y[train], groups[train])
                 oof["forest"][repeat, test] = forest.predict_proba(X.iloc[test])[:, 1]
-                log_odds = (ours.model_.decision_function(X.iloc[test])
-                            + forest.decision_function(X.iloc[test])) / 2
-                oof["blend"][repeat, test] = expit(log_odds)
+                oof["blend"][repeat, test] = expit(blend(
+                    ours.model_.decision_function(X.iloc[test]),
+                    forest.decision_function(X.iloc[test])))
             for name, model in baselines(args.seed).items():
                 fit_args = {"groups": groups[train]} if name == "SIAMCAT-L1" else {}
                 model.fit(profiles.iloc[train], y[train], **fit_args)
