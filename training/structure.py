@@ -27,6 +27,7 @@ TREATMENT_PREFIX = "treatment="
 INTERACTION = "|"
 MISSING_PREFIX = "missingindicator_"
 DIVERSITY = ("shannon_diversity", "observed_genera")
+TREATMENT_WEIGHT = 10.0  # penalty factor 0.1: treatment indicators stratify (LinearDesign)
 
 
 def source_feature(column: str) -> str:
@@ -93,7 +94,7 @@ class LinearDesign(TransformerMixin, BaseEstimator):
 
     def __init__(self, microbiome: float = 1.0, interactions: float = 1.0,
                  log_scale: bool = True, missing_indicators: bool = False,
-                 min_episodes: int = 25, treatment: float = 10.0) -> None:
+                 min_episodes: int = 25, treatment: float = TREATMENT_WEIGHT) -> None:
         self.microbiome = microbiome
         self.interactions = interactions
         self.log_scale = log_scale
@@ -176,7 +177,7 @@ class BlockWeights(TransformerMixin, BaseEstimator):
     """
 
     def __init__(self, blocks: str = "combined", microbiome: float = 1.0,
-                 interactions: float = 1.0, treatment: float = 10.0) -> None:
+                 interactions: float = 1.0, treatment: float = TREATMENT_WEIGHT) -> None:
         self.blocks = blocks
         self.microbiome = microbiome
         self.interactions = interactions
