@@ -6,8 +6,9 @@ registers) on the training cohort, and an oracle (a correctly specified logistic
 true terms computed from the observed data: same missing values, microbiome terms from the
 read counts) on the same training cohort; score both on the test cohort. Reports the AUROC
 gap to the oracle, the share of the oracle's microbiome gain (combined minus clinical-only)
-that the model captures, and the calibration slope on the test draw. The null scenario is
-scored by nested CV (it has no truth to approach).
+that the model captures, and the calibration slope on the test draw; and, as an ablation in
+the same run, the gap of each member of the stacked model alone (the chosen linear model, the
+random forest). The null scenario is scored by nested CV (it has no truth to approach).
 
     .venv/bin/python bench/bench_model.py                          # all scenarios, seeds 7,8,9
     .venv/bin/python bench/bench_model.py --scenarios default,null --seeds 7 --preset thorough
@@ -23,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from candidates import blend, our_forest
 from environment import environment
 from sklearn.metrics import roc_auc_score
 
@@ -46,13 +46,13 @@ def load(cohort: object, directory: Path) -> tuple[pd.DataFrame, np.ndarray, np.
             cohort.metadata, cohort.feature_table)
 
 
-def run(scenario_name: str, seed: int, patients: int, preset: str, workdir: Path,
-        explore: bool = False) -> dict[str, object]:
+def run(scenario_name: str, seed: int, patients: int, preset: str, workdir: Path
+        ) -> dict[str, object]:
     from training.evaluation import CVConfig, calibration, nested_cross_validate
     from training.model import DEFAULT_FAMILIES
     from training.simulate import SCENARIOS, oracle_design, oracle_model, simulate
     from training.train import PRESET_SETTINGS
-    from training.tuning import ModelSearch
+    from training.tuning import ModelSearch, margin
 
     scenario = SCENARIOS[scenario_name]
     search = ModelSearch(families=DEFAULT_FAMILIES[preset], preset=preset, seed=seed,
@@ -82,15 +82,13 @@ def run(scenario_name: str, seed: int, patients: int, preset: str, workdir: Path
         oracle[microbiome] = roc_auc_score(yt, model.predict_proba(test_terms)[:, 1])
     auroc, auroc_clinical = roc_auc_score(yt, p), roc_auc_score(yt, p_clinical)
     oracle_gain = oracle[True] - oracle[False]
-    candidates = {}
-    if explore:  # not the product: our forest at the search's rank, and blends with it
-        forest = our_forest(seed, str(fitted.best_["rank"])).fit(X, y, groups)
-        ours_z, forest_z = fitted.model_.decision_function(Xt), forest.decision_function(Xt)
-        candidates = {"gap_forest": oracle[True] - roc_auc_score(yt, forest_z),
-                      "gap_blend75": oracle[True] - roc_auc_score(yt, blend(ours_z, forest_z,
-                                                                             0.75)),
-                      "gap_blend50": oracle[True] - roc_auc_score(yt, blend(ours_z, forest_z))}
-    return {**candidates,
+    model = fitted.model_
+    forest = model.companion_  # None when the stack gave it no weight
+    return {
+        "gap_linear": oracle[True] - roc_auc_score(yt, margin(model.pipeline_, Xt)),
+        "gap_forest": (np.nan if forest is None
+                       else oracle[True] - roc_auc_score(yt, margin(forest, Xt))),
+        "forest_weight": model.companion_slope_,
         "scenario": scenario_name, "seed": seed, "auroc": auroc, "oracle": oracle[True],
         "gap": oracle[True] - auroc, "gain": auroc - auroc_clinical, "oracle_gain": oracle_gain,
         "captured": (auroc - auroc_clinical) / oracle_gain if oracle_gain >= GAIN_MIN else None,
@@ -106,9 +104,6 @@ def main() -> None:
     parser.add_argument("--seeds", default="7,8,9")
     parser.add_argument("--patients", type=int, default=400)
     parser.add_argument("--preset", default="fast")
-    parser.add_argument("--explore", action="store_true",
-                        help="also score our forest and blends of ours with it (not the "
-                             "product; bench/candidates.py)")
     args = parser.parse_args()
 
     from training.simulate import SCENARIOS
@@ -119,8 +114,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="itp-bench-model-") as tmp:
         for name in names:
             for seed in seeds:
-                rows.append(run(name, seed, args.patients, args.preset, Path(tmp),
-                                args.explore))
+                rows.append(run(name, seed, args.patients, args.preset, Path(tmp)))
                 print(rows[-1], file=sys.stderr, flush=True)
     frame = pd.DataFrame(rows)
     print(f"\nModel benchmark: preset {args.preset}, {args.patients} patients per draw, "
@@ -142,15 +136,18 @@ def main() -> None:
                   f"{group['gain'].mean():+.3f} / {group['oracle_gain'].mean():+.3f} | "
                   f"{share} | {group['slope'].mean():.2f} ({group['slope'].min():.2f}-"
                   f"{group['slope'].max():.2f}) | {', '.join(group['chosen'])} |")
-    if args.explore and not scored.empty:
-        print("\nCandidates (not the product), mean gap to the oracle (max over seeds):\n")
-        print("| scenario | ours | our forest | blend 3/4 ours | blend 1/2 ours |")
+    if not scored.empty:
+        print("\nAblation, the stack's members alone: mean gap to the oracle (max over seeds; "
+              "the forest over the seeds that kept it)\n")
+        print("| scenario | stacked (served) | linear member alone | forest member alone | "
+              "forest weight (per seed) |")
         print("|---|---|---|---|---|")
-        columns = ("gap", "gap_forest", "gap_blend75", "gap_blend50")
+        columns = ("gap", "gap_linear", "gap_forest")
         for name, group in scored.groupby("scenario", sort=False):
             print(f"| {name} | " + " | ".join(
-                f"{group[c].mean():+.3f} ({group[c].max():+.3f})" for c in columns) + " |")
-        print("| all | " + " | ".join(f"{scored[c].mean():+.3f}" for c in columns) + " |")
+                f"{group[c].mean():+.3f} ({group[c].max():+.3f})" for c in columns) + " | "
+                + ", ".join(f"{w:.2f}" for w in group["forest_weight"]) + " |")
+        print("| all | " + " | ".join(f"{scored[c].mean():+.3f}" for c in columns) + " | |")
     null = frame[frame["scenario"] == "null"]
     if not null.empty:
         print("\n| null scenario, seed | nested CV AUROC (target 0.50 +- 0.05) | 95% CI |")

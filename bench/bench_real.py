@@ -9,12 +9,10 @@ the repository). Every method is scored on the same repeated, subject-grouped ou
 - SIAMCAT-style L1: log10(abundance + 1e-5), standardised, L1 logistic regression with C
   tuned by grouped inner CV, on species.
 
-`--explore` adds two candidate methods that are not the product (docs/benchmarks.md, "why a
-random forest in the default search does not fix this"): our forest (XGBoost's random-forest
-mode with MetAML's settings on our species features, recalibrated like every model of ours)
-and a blend, the mean of ours and that forest in recalibrated log-odds.
+As an ablation in the same run, each member of our stacked model is also scored alone: the
+chosen linear model and the random forest stacked with it (AUROC of their own log-odds).
 
-    .venv/bin/python bench/bench_real.py [--repeats 2] [--tasks cirrhosis,t2d] [--explore]
+    .venv/bin/python bench/bench_real.py [--repeats 2] [--tasks cirrhosis,t2d]
 """
 
 from __future__ import annotations
@@ -27,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from candidates import blend, our_forest
 from environment import environment
 from scipy.special import expit
 from sklearn.ensemble import RandomForestClassifier
@@ -83,15 +80,13 @@ def main() -> None:
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--explore", action="store_true",
-                        help="also score our forest and the ours + forest blend")
     args = parser.parse_args()
     if not DATA.is_file():
         sys.exit(f"MetAML data not found at {DATA} (see ../shared/data/metaml/SOURCE.md)")
 
     from training.evaluation import CVConfig, grouped_splits, summarise
     from training.features import model_input
-    from training.tuning import ModelSearch
+    from training.tuning import ModelSearch, margin
 
     metadata, abundances = read()
     config = CVConfig(n_splits=5, n_repeats=args.repeats, n_bootstrap=500, seed=args.seed)
@@ -105,26 +100,30 @@ def main() -> None:
         groups = chosen["subjectID"].to_numpy()
         X = model_input(pd.DataFrame({"treatment": "corticosteroid"}, index=chosen.index),
                         profiles)
-        methods = ["ours", "RF-500", "SIAMCAT-L1"] + (["forest", "blend"] if args.explore
-                                                      else [])
+        methods = ["ours", "RF-500", "SIAMCAT-L1", "linear member", "forest member"]
         oof = {name: np.full((args.repeats, len(y)), np.nan) for name in methods}
+        weights = []
         started = time.perf_counter()
         for repeat, train, test in grouped_splits(y, groups, config):
             ours = ModelSearch(seed=args.seed).fit(X.iloc[train], y[train], groups[train])
             oof["ours"][repeat, test] = ours.predict_proba(X.iloc[test])[:, 1]
-            if args.explore:
-                forest = our_forest(args.seed).fit(X.iloc[train], y[train], groups[train])
-                oof["forest"][repeat, test] = forest.predict_proba(X.iloc[test])[:, 1]
-                oof["blend"][repeat, test] = expit(blend(
-                    ours.model_.decision_function(X.iloc[test]),
-                    forest.decision_function(X.iloc[test])))
+            # members alone: their own log-odds rank the test fold (read the AUROC only)
+            oof["linear member"][repeat, test] = expit(margin(ours.model_.pipeline_,
+                                                              X.iloc[test]))
+            forest = ours.model_.companion_
+            if forest is not None:
+                oof["forest member"][repeat, test] = expit(margin(forest, X.iloc[test]))
+            weights.append(ours.model_.companion_slope_)
             for name, model in baselines(args.seed).items():
                 fit_args = {"groups": groups[train]} if name == "SIAMCAT-L1" else {}
                 model.fit(profiles.iloc[train], y[train], **fit_args)
                 oof[name][repeat, test] = model.predict_proba(profiles.iloc[test])[:, 1]
         row = {"task": task, "n": len(y), "positives": int(y.sum()),
-               "seconds": time.perf_counter() - started}
+               "seconds": time.perf_counter() - started, "forest_weights": weights}
         for name, values in oof.items():
+            if np.isnan(values).any():  # the forest was dropped in some fold
+                row[name] = (np.nan, np.nan, np.nan)
+                continue
             s = summarise(y, groups, values, config)
             row[name] = (s["auroc_mean"], s["auroc_ci_low"], s["auroc_ci_high"])
         rows.append(row)
@@ -147,17 +146,16 @@ def main() -> None:
               f"{margins[-1]:+.3f} |")
     print(f"\nMean margin over the better baseline: {np.mean(margins):+.3f} "
           f"(target: >= -0.01 on every task, > 0 on average).")
-    if args.explore:
-        print("\nCandidates (not the product): our forest and the ours + forest blend\n")
-        print("| task | forest | blend | blend - better baseline |")
-        print("|---|---|---|---|")
-        blend_margins = []
-        for row in rows:
-            blend_margins.append(row["blend"][0] - max(row["RF-500"][0], row["SIAMCAT-L1"][0]))
-            cells = " | ".join(f"{row[m][0]:.3f} ({row[m][1]:.3f}-{row[m][2]:.3f})"
-                               for m in ("forest", "blend"))
-            print(f"| {row['task']} | {cells} | {blend_margins[-1]:+.3f} |")
-        print(f"\nBlend: mean margin over the better baseline {np.mean(blend_margins):+.3f}.")
+    print("\nAblation, the stack's members alone (AUROC of their own log-odds; the forest "
+          "only where every fold kept it)\n")
+    print("| task | ours (stacked) | linear member | forest member | forest weight (median, "
+          "range over folds) |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        cells = " | ".join(f"{row[m][0]:.3f}" for m in ("ours", "linear member",
+                                                         "forest member"))
+        w = np.asarray(row["forest_weights"])
+        print(f"| {row['task']} | {cells} | {np.median(w):.2f} ({w.min():.2f}-{w.max():.2f}) |")
 
 
 if __name__ == "__main__":

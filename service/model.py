@@ -71,7 +71,8 @@ class LoadedModel:
             definition=meta.get("definition"), target=meta.get("target"),
             cv_metrics=meta.get("cv_metrics", {}),
             microbiome_added_value=meta.get("microbiome_added_value", {}),
-            recalibration=Recalibration(intercept=model.intercept_, slope=model.slope_),
+            recalibration=Recalibration(intercept=model.intercept_, slope=model.slope_,
+                                        forest_slope=model.companion_slope_),
             threshold=model.threshold_, warnings=meta.get("warnings", []),
             feature_schema=self.schema,
         )

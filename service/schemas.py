@@ -245,8 +245,12 @@ class PredictResponse(BaseModel):
 
 class Recalibration(BaseModel):
     intercept: float = Field(..., description="Served log-odds = intercept + slope x the "
-                             "tuned model's log-odds (fitted on out-of-fold predictions).")
-    slope: float = Field(..., description="Below 1 shrinks overconfident predictions.")
+                             "tuned model's log-odds + forest_slope x the stacked random "
+                             "forest's (all fitted on out-of-fold predictions).")
+    slope: float = Field(..., description="Weight of the tuned model's log-odds; below 1 "
+                         "shrinks overconfident predictions.")
+    forest_slope: float = Field(0.0, description="Weight of the random forest stacked with "
+                                "the tuned model; 0 when it added nothing out of fold.")
 
 
 class ModelInfo(BaseModel):

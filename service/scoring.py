@@ -7,8 +7,11 @@ pseudocount, the clinical encoding, the blocks, the linear design's medians, cen
 interactions, scaler and weights, or the XGBoost booster) and scores with numpy alone: the
 linear family's log-odds and its exact SHAP values (coefficient x standardised value, the
 LinearExplainer's against the all-zero background) are one matrix product each; XGBoost's
-come from the booster's own `inplace_predict` and `pred_contribs` (exact TreeSHAP). The
-recalibration is applied to both, so base + sum of contributions is the served log-odds.
+come from the booster's own `inplace_predict` and `pred_contribs` (exact TreeSHAP). Each
+fitted pipeline of the `ResponseModel` becomes a head (the chosen model and the forest
+stacked with it) sharing the features; the recalibration and stacking weights are applied to
+the heads' log-odds and SHAP values alike, so base + sum of contributions is the served
+log-odds.
 
 tests/test_scoring.py checks it against the scikit-learn pipeline and the training-side
 `ShapExplainer`, for every model family, on simulator cohorts.
@@ -25,6 +28,7 @@ import numpy as np
 import xgboost as xgb
 from scipy.special import expit
 from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline
 
 from training import schema
 from training.explain import Explanation, design_groups
@@ -56,7 +60,7 @@ class CompiledModel:
     def __init__(self, model: ResponseModel) -> None:
         pipeline = model.pipeline_
         steps = pipeline.named_steps
-        self.shift, self.scale = float(model.intercept_), float(model.slope_)
+        self.shift = float(model.intercept_)
         aligner = steps["align"]
         self.rank: str = aligner.rank
         position = {name: i for i, name in enumerate(aligner.vocabulary_)}
@@ -78,35 +82,14 @@ class CompiledModel:
         if [str(n) for n in features.get_feature_names_out()] != layout:
             raise TypeError("cannot compile this pipeline: unexpected feature layout")
         self.blocks = np.flatnonzero(steps["blocks"].support_)
-        self.input_names, self.groups = design_groups(pipeline)
+        self.input_names = design_groups(pipeline)[0]
         self.abundance_column = np.array([position.get(str(n), -1) for n in self.input_names])
-        estimator = pipeline[-1]
-        if isinstance(estimator, LogisticRegression):
-            self._linear(steps["design"], estimator)
-        elif isinstance(estimator, xgb.XGBModel):
-            self.booster = estimator.get_booster()
-            self.kind = "trees"
-        else:
-            raise TypeError(f"cannot compile {type(estimator).__name__}")
+        self.heads = [(_head(member), weight) for member, weight in model.members()]
+        for member, _ in model.members()[1:]:
+            if not _same_features(pipeline, member):
+                raise TypeError("cannot compile this model: its stacked pipelines do not "
+                                "share their features")
 
-    def _linear(self, design: LinearDesign, estimator: LogisticRegression) -> None:
-        self.kind = "linear"
-        imputer = design.imputer_
-        medians = np.asarray(imputer.statistics_, dtype=np.float64)
-        self.medians = np.where(np.isnan(medians), 0.0, medians)  # keep_empty_features
-        self.indicators = (np.asarray(imputer.indicator_.features_) if
-                           design.missing_indicators else np.array([], dtype=int))
-        self.log_columns = np.flatnonzero(design.log_columns_)
-        self.fields = np.asarray(design.fields_, dtype=int)
-        self.centers = np.asarray(design.centers_, dtype=np.float64)
-        names = [str(c) for c in design.feature_names_in_]
-        self.treatment_columns = np.array([names.index(t) for t in design.treatments_],
-                                          dtype=int)
-        self.mean = np.asarray(design.scaler_.mean_, dtype=np.float64)
-        self.scaler_scale = np.asarray(design.scaler_.scale_, dtype=np.float64)
-        self.weights = np.asarray(design.weights_, dtype=np.float64)
-        self.coef = np.asarray(estimator.coef_, dtype=np.float64).ravel()
-        self.intercept = float(np.ravel(estimator.intercept_)[0])
 
     # --- raw inputs -> features --------------------------------------------------------------
 
@@ -175,7 +158,85 @@ class CompiledModel:
 
     # --- features -> log-odds and SHAP -------------------------------------------------------
 
-    def _linear_design(self, values: np.ndarray) -> np.ndarray:
+    def log_odds(self, values: np.ndarray) -> np.ndarray:
+        """The served log-odds: recalibrated, and stacked over the heads."""
+        return self.shift + sum(weight * head.margin(values) for head, weight in self.heads)
+
+    def score(self, patients: Sequence[PatientLike], explain: bool = True) -> Scored:
+        reads, totals, unknown = self._profiles([p.microbiome.counts for p in patients])
+        values = self.features(reads, self._clinical(patients))
+        n = len(patients)
+        contributions, base = np.zeros((n, len(self.input_names))), self.shift
+        if explain:
+            for head, weight in self.heads:
+                design_shap, head_base = head.contributions(values)
+                np.add.at(contributions.T, head.groups, weight * design_shap.T)
+                base += weight * head_base
+        with np.errstate(divide="ignore", invalid="ignore"):
+            shares = np.where(self.abundance_column >= 0,
+                              reads[:, np.maximum(self.abundance_column, 0)]
+                              / np.where(totals > 0, totals, np.nan)[:, None], np.nan)
+        explanation = Explanation(
+            feature_names=self.input_names, values=values,
+            shap_values=contributions, base_value=base,
+            relative_abundance=shares)
+        matched = np.divide(reads.sum(axis=1), totals, out=np.zeros(n), where=totals > 0)
+        return Scored(explanation, expit(self.log_odds(values)),
+                      np.clip(matched, 0.0, 1.0), unknown)
+
+
+def _compilable(name: str) -> bool:
+    """Whether `CompiledModel._clinical` knows how to compute a clinical feature."""
+    field = CLINICAL_BY_NAME.get(name)
+    return (name.startswith(("treatment=", "phase=")) or name in ("sex=male", "bleeding_severity")
+            or (field is not None and field.kind in (Kind.NUMBER, Kind.BOOLEAN)))
+
+
+def _same_features(a: Pipeline, b: Pipeline) -> bool:
+    """Whether two fitted pipelines compute the same input features (the compiled path
+    computes them once, from the first)."""
+    aligners = a.named_steps["align"], b.named_steps["align"]
+    return (aligners[0].rank == aligners[1].rank
+            and list(aligners[0].vocabulary_) == list(aligners[1].vocabulary_)
+            and aligners[0].keys_ == aligners[1].keys_
+            and list(design_groups(a)[0]) == list(design_groups(b)[0]))
+
+
+def _head(pipeline: Pipeline) -> LinearHead | TreeHead:
+    estimator = pipeline[-1]
+    groups = design_groups(pipeline)[1]
+    if isinstance(estimator, LogisticRegression):
+        return LinearHead(pipeline.named_steps["design"], estimator, groups)
+    if isinstance(estimator, xgb.XGBModel):
+        return TreeHead(estimator.get_booster(), groups)
+    raise TypeError(f"cannot compile {type(estimator).__name__}")
+
+
+class LinearHead:
+    """The linear family's design and coefficients: log-odds and exact SHAP values
+    (coefficient x standardised value) are one matrix product each."""
+
+    def __init__(self, design: LinearDesign, estimator: LogisticRegression,
+                 groups: np.ndarray) -> None:
+        self.groups = groups
+        imputer = design.imputer_
+        medians = np.asarray(imputer.statistics_, dtype=np.float64)
+        self.medians = np.where(np.isnan(medians), 0.0, medians)  # keep_empty_features
+        self.indicators = (np.asarray(imputer.indicator_.features_) if
+                           design.missing_indicators else np.array([], dtype=int))
+        self.log_columns = np.flatnonzero(design.log_columns_)
+        self.fields = np.asarray(design.fields_, dtype=int)
+        self.centers = np.asarray(design.centers_, dtype=np.float64)
+        names = [str(c) for c in design.feature_names_in_]
+        self.treatment_columns = np.array([names.index(t) for t in design.treatments_],
+                                          dtype=int)
+        self.mean = np.asarray(design.scaler_.mean_, dtype=np.float64)
+        self.scaler_scale = np.asarray(design.scaler_.scale_, dtype=np.float64)
+        self.weights = np.asarray(design.weights_, dtype=np.float64)
+        self.coef = np.asarray(estimator.coef_, dtype=np.float64).ravel()
+        self.intercept = float(np.ravel(estimator.intercept_)[0])
+
+    def design(self, values: np.ndarray) -> np.ndarray:
         missing = np.isnan(values)
         imputed = np.where(missing, self.medians, values)
         base = imputed.copy()
@@ -186,44 +247,27 @@ class CompiledModel:
         design = np.hstack([base, *products, indicators])
         return (design - self.mean) / self.scaler_scale * self.weights
 
-    def _contributions(self, values: np.ndarray) -> tuple[np.ndarray, float]:
-        """(design SHAP values, base value) in the uncalibrated log-odds."""
-        if self.kind == "linear":
-            return self._linear_design(values) * self.coef, self.intercept
-        contributions = self.booster.predict(xgb.DMatrix(values), pred_contribs=True)
-        contributions = np.asarray(contributions, dtype=np.float64)
-        return contributions[:, :-1], float(contributions[0, -1])
-
     def margin(self, values: np.ndarray) -> np.ndarray:
         """The pipeline's raw log-odds (before recalibration)."""
-        if self.kind == "linear":
-            return self._linear_design(values) @ self.coef + self.intercept
+        return self.design(values) @ self.coef + self.intercept
+
+    def contributions(self, values: np.ndarray) -> tuple[np.ndarray, float]:
+        """(design SHAP values, base value) in the pipeline's raw log-odds."""
+        return self.design(values) * self.coef, self.intercept
+
+
+class TreeHead:
+    """An XGBoost booster: log-odds from `inplace_predict`, exact TreeSHAP from
+    `pred_contribs`."""
+
+    def __init__(self, booster: xgb.Booster, groups: np.ndarray) -> None:
+        self.booster, self.groups = booster, groups
+
+    def margin(self, values: np.ndarray) -> np.ndarray:
         return np.asarray(self.booster.inplace_predict(values, predict_type="margin"),
                           dtype=np.float64)
 
-    def score(self, patients: Sequence[PatientLike], explain: bool = True) -> Scored:
-        reads, totals, unknown = self._profiles([p.microbiome.counts for p in patients])
-        values = self.features(reads, self._clinical(patients))
-        n = len(patients)
-        grouped, base = np.zeros((n, len(self.input_names))), 0.0
-        if explain:
-            design_shap, base = self._contributions(values)
-            np.add.at(grouped.T, self.groups, design_shap.T)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            shares = np.where(self.abundance_column >= 0,
-                              reads[:, np.maximum(self.abundance_column, 0)]
-                              / np.where(totals > 0, totals, np.nan)[:, None], np.nan)
-        explanation = Explanation(
-            feature_names=self.input_names, values=values,
-            shap_values=self.scale * grouped, base_value=self.shift + self.scale * base,
-            relative_abundance=shares)
-        matched = np.divide(reads.sum(axis=1), totals, out=np.zeros(n), where=totals > 0)
-        return Scored(explanation, expit(self.shift + self.scale * self.margin(values)),
-                      np.clip(matched, 0.0, 1.0), unknown)
-
-
-def _compilable(name: str) -> bool:
-    """Whether `CompiledModel._clinical` knows how to compute a clinical feature."""
-    field = CLINICAL_BY_NAME.get(name)
-    return (name.startswith(("treatment=", "phase=")) or name in ("sex=male", "bleeding_severity")
-            or (field is not None and field.kind in (Kind.NUMBER, Kind.BOOLEAN)))
+    def contributions(self, values: np.ndarray) -> tuple[np.ndarray, float]:
+        contributions = self.booster.predict(xgb.DMatrix(values), pred_contribs=True)
+        contributions = np.asarray(contributions, dtype=np.float64)
+        return contributions[:, :-1], float(contributions[0, -1])

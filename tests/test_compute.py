@@ -4,6 +4,7 @@ results as locally, and the CLI sends its fits there."""
 from __future__ import annotations
 
 import io
+import json
 import logging
 from pathlib import Path
 
@@ -63,11 +64,13 @@ def test_the_cli_trains_on_the_cluster(cluster: object, cohort_dir: Path, tmp_pa
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(main, [
         "train", "--data", str(cohort_dir), "--register", "", "--splits", "3",
-        "--permutations", "0", "--bootstrap", "100", "--rank", "genus",
+        "--permutations", "0", "--bootstrap", "100", "--rank", "genus", "--no-stack",
         "--dask-scheduler", cluster.scheduler_address,
         "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
     assert result.exit_code == 0, result.output
-    assert '"run_id"' in result.output
+    summary = json.loads(result.output[result.output.index("{"):])
+    assert summary["run_id"]
+    assert summary["chosen"]["stacked_forest_weight"] == 0.0  # --no-stack: the model alone
 
 
 def test_an_unreachable_scheduler_is_a_clear_error(cohort_dir: Path, tmp_path: Path) -> None:

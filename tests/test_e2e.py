@@ -23,6 +23,7 @@ from training import registry
 from training.cohort import load_cohort
 from training.features import model_input
 from training.schema import CLINICAL_FIELDS
+from training.train import candidate_name
 
 pytestmark = pytest.mark.e2e
 
@@ -184,11 +185,12 @@ def test_health_ready_and_model_description(registry_server: Server, trained: Tr
     assert info["version"] == str(trained.result["registered_version"])
     assert info["run_id"] == trained.result["run_id"]
     chosen = trained.result["chosen"]
-    assert info["trained_at"] and info["candidate"] == (
-        f"{chosen['family']} ({chosen['feature_set']})")
+    assert info["trained_at"] and info["candidate"] == candidate_name(chosen)
     assert info["cv_metrics"]["auroc_mean"] == pytest.approx(
         trained.result["summaries"]["champion"]["auroc_mean"])
     assert info["recalibration"]["slope"] > 0 and 0 < info["threshold"] < 1
+    assert info["recalibration"]["forest_slope"] == pytest.approx(
+        chosen["stacked_forest_weight"])
     assert set(info["microbiome_added_value"]) == {"auroc_difference", "ci_low", "ci_high"}
     schema = info["feature_schema"]
     assert schema["rank"] in ("genus", "species")  # chosen in inner CV

@@ -14,7 +14,7 @@ from sklearn.pipeline import Pipeline
 from tests.helpers import cohort
 from training.explain import ShapExplainer, display_name
 from training.features import feature_steps
-from training.model import FAMILIES, FeatureConfig
+from training.model import FAMILIES, FeatureConfig, stacked_forest
 from training.structure import INTERACTION
 from training.tuning import ResponseModel
 
@@ -22,6 +22,7 @@ PARAMS = {"linear": {"design__interactions": 1.0, "design__microbiome": 1.0,
                      "model__alpha": 0.005},
           "xgboost": {"model__n_estimators": 60},
           "random_forest": {"model__n_estimators": 60}}
+MODELS = [*sorted(FAMILIES), "stacked"]  # stacked: linear + forest (ModelSearch's default)
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +33,20 @@ def data() -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
 @pytest.fixture(scope="module")
 def fitted(data: tuple[pd.DataFrame, np.ndarray, np.ndarray]) -> dict[str, ResponseModel]:
     X, y, groups = data
-    return {
+    models = {
         name: ResponseModel(family.build(FeatureConfig(), 0).set_params(**PARAMS[name]),
                             n_splits=3, seed=0).fit(X, y, groups)
         for name, family in FAMILIES.items()
     }
+    linear = FAMILIES["linear"].build(FeatureConfig(), 0).set_params(**PARAMS["linear"])
+    models["stacked"] = ResponseModel(linear, n_splits=3, seed=0,
+                                      companion=stacked_forest(FeatureConfig(), "combined", 20, 0)
+                                      ).fit(X, y, groups)
+    assert models["stacked"].companion_ is not None  # the forest kept a weight: tested below
+    return models
 
 
-@pytest.mark.parametrize("name", sorted(FAMILIES))
+@pytest.mark.parametrize("name", MODELS)
 def test_shap_adds_up_to_the_recalibrated_log_odds(
     name: str, fitted: dict[str, ResponseModel], data: tuple[pd.DataFrame, ...]
 ) -> None:
@@ -49,27 +56,31 @@ def test_shap_adds_up_to_the_recalibrated_log_odds(
     model = fitted[name]
     assert model.slope_ != pytest.approx(1.0, abs=1e-3)  # the rescaling is really exercised
     explanation = ShapExplainer(model).explain(X)
-    atol = 1e-9 if name == "linear" else 1e-5
+    atol = 1e-9 if name == "linear" else 1e-5  # trees: xgboost's float32 margins
     np.testing.assert_allclose(explanation.log_odds, model.decision_function(X),
                                rtol=0, atol=atol)
     np.testing.assert_allclose(explanation.probability, model.predict_proba(X)[:, 1],
                                rtol=0, atol=atol)
 
 
-@pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_recalibrated_shap_is_the_pipeline_shap_times_the_slope(
+@pytest.mark.parametrize("name", MODELS)
+def test_recalibrated_shap_is_the_weighted_sum_of_the_pipelines_shap(
     name: str, fitted: dict[str, ResponseModel], data: tuple[pd.DataFrame, ...]
 ) -> None:
+    """Served SHAP = the weighted sum of each fitted pipeline's own (slope x the pipeline's
+    alone; plus the forest's weight x its own when stacked)."""
     X = data[0].iloc[:20]
     model = fitted[name]
     served = ShapExplainer(model).explain(X)
-    raw = ShapExplainer(model.pipeline_).explain(X)
-    np.testing.assert_allclose(served.shap_values, model.slope_ * raw.shap_values, atol=1e-12)
-    assert served.base_value == pytest.approx(model.intercept_ + model.slope_ * raw.base_value,
-                                              abs=1e-12)
+    raw = [(ShapExplainer(pipeline).explain(X), w) for pipeline, w in model.members()]
+    assert len(raw) == (2 if name == "stacked" else 1)
+    np.testing.assert_allclose(served.shap_values,
+                               sum(w * e.shap_values for e, w in raw), atol=1e-12)
+    assert served.base_value == pytest.approx(
+        model.intercept_ + sum(w * e.base_value for e, w in raw), abs=1e-12)
 
 
-@pytest.mark.parametrize("name", sorted(FAMILIES))
+@pytest.mark.parametrize("name", MODELS)
 def test_one_contribution_per_input_feature_and_batch_invariance(
     name: str, fitted: dict[str, ResponseModel], data: tuple[pd.DataFrame, ...]
 ) -> None:
@@ -120,7 +131,7 @@ def test_xgboost_contributions_match_booster(
         model.intercept_ + model.slope_ * float(contribs[0, -1]), abs=1e-6)
 
 
-@pytest.mark.parametrize("name", sorted(FAMILIES))
+@pytest.mark.parametrize("name", MODELS)
 def test_values_are_in_their_own_units_and_missing_stays_missing(
     name: str, fitted: dict[str, ResponseModel], data: tuple[pd.DataFrame, ...]
 ) -> None:

@@ -9,11 +9,12 @@ from typing import ClassVar
 import numpy as np
 import pandas as pd
 import pytest
-from scipy.special import logit
+from scipy.special import expit, logit
 from sklearn.pipeline import Pipeline
 
 from tests.helpers import cohort
 from training import model as model_module
+from training import tuning as tuning_module
 from training.evaluation import (
     CVConfig,
     grouped_splits,
@@ -30,6 +31,7 @@ class Spy:
     """Records the sample ids every spied step is fitted on and transforms."""
 
     events: ClassVar[list[tuple[str, frozenset[str]]]] = []
+    tagged: ClassVar[list[str]] = []  # fits of tagged spies (the stacked forest's)
 
     @classmethod
     def record(cls, kind: str, X: pd.DataFrame) -> None:
@@ -37,8 +39,14 @@ class Spy:
 
 
 class SpyAligner(TaxonomyAligner):
+    def __init__(self, rank: str = "genus", tag: str = "") -> None:
+        super().__init__(rank)
+        self.tag = tag
+
     def fit(self, X: pd.DataFrame, y: object = None) -> SpyAligner:
         Spy.record("fit", X)
+        if self.tag:
+            Spy.tagged.append(self.tag)
         return super().fit(X, y)
 
     def transform(self, X: pd.DataFrame) -> pd.DataFrame:
@@ -74,6 +82,15 @@ def _spied_linear(config: FeatureConfig, seed: int) -> Pipeline:
     return Pipeline(list(steps.items()))
 
 
+def _spied_forest(config: FeatureConfig, blocks: str, n_features: int, seed: int
+                  ) -> Pipeline:
+    """The shipped stacked forest, its taxonomy step spied on (tagged, to count it)."""
+    pipeline = model_module.stacked_forest(config, blocks, n_features, seed)
+    steps = dict(pipeline.steps)
+    steps["align"] = SpyAligner(config.rank, tag="forest")
+    return Pipeline(list(steps.items()))
+
+
 def _spied_linear_search(config: FeatureConfig, seed: int) -> SearchForm:
     """The shipped search form of the linear family, its design and weights spied on."""
     form = model_module._linear_search(config, seed)
@@ -88,7 +105,9 @@ def spied(monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setitem(FAMILIES, "spied", Family(
         "spied", "linear with spies", _spied_linear, linear.space, linear.n_iter,
         linear.complexity, linear.region, _spied_linear_search))
+    monkeypatch.setattr(tuning_module, "stacked_forest", _spied_forest)
     Spy.events.clear()
+    Spy.tagged.clear()
     return "spied"
 
 
@@ -114,6 +133,8 @@ def test_nothing_fitted_or_chosen_sees_the_outer_test_fold(spied: str) -> None:
              for _, train, test in grouped_splits(y, groups, config, X)]
     fits = [ids for kind, ids in Spy.events if kind == "fit"]
     assert len(fits) > 3 * 20  # the inner search really ran through the spies
+    # and so did the forest stacked in each outer fold (5 recalibration folds, + final if kept)
+    assert len(Spy.tagged) >= 3 * 5
     assert _violations(Spy.events, folds) == []
     # control: choosing on all data (the leak nesting prevents) is caught by the same check
     Spy.events.clear()
@@ -180,16 +201,31 @@ def test_recalibration_never_inverts_a_ranking_and_flags_a_flat_model() -> None:
     rng = np.random.default_rng(0)
     p = rng.uniform(0.05, 0.95, 2000)
     y = (rng.random(p.size) < p).astype(int)
-    intercept, slope = recalibration(y, 1 - p)
-    assert slope == 0.0 and intercept == pytest.approx(logit(y.mean()))
-    intercept, slope = recalibration(y, p)
-    assert slope == pytest.approx(1.0, abs=0.15) and intercept == pytest.approx(0.0, abs=0.15)
+    intercept, slopes = recalibration(y, -logit(p))
+    assert slopes.tolist() == [0.0] and intercept == pytest.approx(logit(y.mean()))
+    intercept, slopes = recalibration(y, logit(p))
+    assert slopes[0] == pytest.approx(1.0, abs=0.15) and intercept == pytest.approx(0.0, abs=0.15)
     X, labels, groups = cohort(60, seed=10)
     model = ResponseModel(FAMILIES["linear"].build(FeatureConfig(), 0), seed=0).fit(
         X, labels, groups)
     assert not model.flat
     model.slope_ = 0.0
     assert model.flat and np.ptp(model.predict_proba(X)[:, 1]) == 0.0
+
+
+def test_stacking_weights_each_model_by_what_it_adds_out_of_fold() -> None:
+    """Two models that each carry part of the signal both get a positive weight (and the
+    stack ranks better than either); a model that only adds noise or ranks backwards given
+    the other gets weight 0 rather than a negative one."""
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(2, 4000))
+    y = (rng.random(a.size) < expit(a + b)).astype(int)
+    _, slopes = recalibration(y, np.column_stack([a, b]))
+    assert slopes == pytest.approx([1.0, 1.0], abs=0.15)
+    _, slopes = recalibration(y, np.column_stack([a + b, -b]))
+    assert slopes[0] > 0.8 and slopes[1] == pytest.approx(0.0, abs=0.1)
+    _, slopes = recalibration(y, np.column_stack([a + b, -a - b + 0.1 * rng.normal(size=a.size)]))
+    assert slopes[0] > 0.8 and slopes[1] == 0.0
 
 
 def test_feature_blocks_keep_treatment_in_every_set() -> None:

@@ -16,12 +16,12 @@ from service.schemas import Patient
 from service.scoring import CompiledModel
 from training.cohort import load_cohort
 from training.explain import ShapExplainer
-from training.model import FAMILIES, FeatureConfig
+from training.model import FAMILIES, FeatureConfig, stacked_forest
 from training.outcomes import response_labels, target
 from training.simulate import SCENARIOS, simulate, write_cohort
 from training.tuning import ResponseModel
 
-VARIANTS = {  # family, feature config, pipeline parameters
+VARIANTS = {  # family, feature config, pipeline parameters (stacked: with the forest)
     "linear": ("linear", FeatureConfig(), {"design__interactions": 0.5,
                                            "design__microbiome": 0.5, "model__alpha": 0.01}),
     "linear, species, indicators": ("linear", FeatureConfig(rank="species",
@@ -30,6 +30,9 @@ VARIANTS = {  # family, feature config, pipeline parameters
     "linear, clinical only": ("linear", FeatureConfig(), {"blocks__blocks": "clinical"}),
     "xgboost": ("xgboost", FeatureConfig(), {}),
     "random_forest": ("random_forest", FeatureConfig(), {"blocks__blocks": "combined"}),
+    "linear + stacked forest": ("linear", FeatureConfig(), {"model__alpha": 0.01}),
+    "linear + stacked forest, clinical only": ("linear", FeatureConfig(),
+                                               {"blocks__blocks": "clinical"}),
 }
 
 
@@ -55,8 +58,11 @@ def test_compiled_scoring_equals_the_pipeline(cohort: dict[str, object], variant
     X_train = inputs([Patient.model_validate(p) for p in patient_payloads(
         loaded.metadata, loaded.counts)])
     pipeline = FAMILIES[family].build(config, 3).set_params(**params)
-    model = ResponseModel(pipeline, n_splits=3, seed=3).fit(
+    companion = (stacked_forest(config, pipeline.get_params()["blocks__blocks"], 30, 3)
+                 if "stacked" in variant else None)
+    model = ResponseModel(pipeline, n_splits=3, seed=3, companion=companion).fit(
         X_train, cohort["y"], loaded.groups.to_numpy())
+    assert (model.companion_ is not None) == ("stacked" in variant)
     patients = cohort["patients"]
     X = inputs(patients)
 
@@ -69,7 +75,8 @@ def test_compiled_scoring_equals_the_pipeline(cohort: dict[str, object], variant
     np.testing.assert_allclose(got.values, expected.values, rtol=0, atol=1e-9)
     np.testing.assert_allclose(got.relative_abundance, expected.relative_abundance,
                                rtol=0, atol=1e-12)
-    shap_tolerance = 1e-9 if family == "linear" else 1e-5  # trees: float32 arithmetic
+    shap_tolerance = 1e-9 if variant.startswith("linear") and "stacked" not in variant \
+        else 1e-5  # trees: float32 arithmetic
     np.testing.assert_allclose(got.shap_values, expected.shap_values, rtol=0,
                                atol=shap_tolerance)
     assert got.base_value == pytest.approx(expected.base_value, abs=shap_tolerance)
@@ -83,3 +90,19 @@ def test_compiled_scoring_equals_the_pipeline(cohort: dict[str, object], variant
 
     alone = CompiledModel(model).score(patients[:1], explain=False)
     assert alone.probability[0] == pytest.approx(scored.probability[0], abs=1e-12)
+
+
+def test_a_model_registered_before_stacking_still_scores(cohort: dict[str, object]) -> None:
+    """A ResponseModel saved before the stacked forest existed has no `companion_` or
+    `companion_slope_`: it loads, compiles and scores as its one pipeline."""
+    loaded = cohort["loaded"]
+    X_train = inputs([Patient.model_validate(p) for p in patient_payloads(
+        loaded.metadata, loaded.counts)])
+    model = ResponseModel(FAMILIES["linear"].build(FeatureConfig(), 3), n_splits=3, seed=3
+                          ).fit(X_train, cohort["y"], loaded.groups.to_numpy())
+    del model.__dict__["companion_"], model.__dict__["companion_slope_"]
+    X = inputs(cohort["patients"])
+    expected = model.intercept_ + model.slope_ * model.pipeline_.decision_function(X)
+    np.testing.assert_allclose(logit(CompiledModel(model).score(cohort["patients"]).probability),
+                               expected, rtol=0, atol=1e-9)
+    assert not model.flat

@@ -137,7 +137,12 @@ def model_card(facts: CardInputs) -> str:
         f"Model: {facts.chosen['family']} on the {facts.chosen['feature_set']} feature set, "
         f"chosen by inner cross-validation among feature sets, families and "
         f"hyperparameters (`{facts.preset}` preset): "
-        + ", ".join(f"`{k}={v}`" for k, v in facts.chosen["params"].items()) + ".",
+        + ", ".join(f"`{k}={v}`" for k, v in facts.chosen["params"].items()) + "."
+        + (f" Stacked with a random forest on the same features (200 trees of depth 4): "
+           f"served log-odds = {facts.model.intercept_:+.2f} + {facts.model.slope_:.2f} x "
+           f"the {facts.chosen['family']} model's + {facts.model.companion_slope_:.2f} x the "
+           "forest's, weights fitted on out-of-fold predictions."
+           if facts.model.companion_ is not None else ""),
         "Clinical and immune predictors: " + ", ".join(
             f.name + (f" ({f.unit})" if f.unit else "") for f in CLINICAL_FIELDS) + ".",
         "",

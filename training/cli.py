@@ -148,6 +148,9 @@ def validate(data: Path, min_reads: int, definition: str) -> None:
               help="Days after treatment start within which the response assessment must "
                    "fall, e.g. corticosteroid=7-30 (repeatable; overrides that treatment's "
                    "default, docs/data-format.md). Episodes outside are excluded.")
+@click.option("--no-stack", "no_stack", is_flag=True,
+              help="Serve the chosen model alone, without the random forest stacked with it "
+                   "(docs/evaluation.md).")
 @click.option("--missing-indicators", is_flag=True,
               help="Add missing-value indicators to the linear model; only for markers whose "
                    "missingness is informative (off by default).")
@@ -162,7 +165,8 @@ def train(
     preset: str, families: str | None, splits: int, repeats: int | None,
     inner_splits: int | None, permutations: int | None, threshold: str, bootstrap: int,
     seed: int, jobs: int, min_reads: int, ranks: tuple[str, ...], min_prevalence: float,
-    response_windows: tuple[str, ...], missing_indicators: bool, dask_scheduler: str | None,
+    response_windows: tuple[str, ...], no_stack: bool, missing_indicators: bool,
+    dask_scheduler: str | None,
     export_to: Path | None, tracking_uri: str,
 ) -> None:
     """Nested CV of the model search, refit on all data, log and register the champion."""
@@ -200,7 +204,7 @@ def train(
                     n_repeats=repeats or PRESET_SETTINGS[preset]["n_repeats"],
                     n_bootstrap=bootstrap, seed=seed, n_jobs=jobs),
         inner_splits=inner_splits, permutations=permutations, threshold=policy,
-        windows=_windows(response_windows),
+        windows=_windows(response_windows), stack=not no_stack,
     )
     def on_cluster() -> TrainResult:
         with dask_backend(dask_scheduler) as cluster_jobs:

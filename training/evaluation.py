@@ -136,6 +136,7 @@ class FoldRecord:
     inner_score: float
     intercept: float
     slope: float
+    forest_slope: float  # the stacked forest's weight; 0 when dropped or not stacked
     threshold: float
     importance: pd.Series  # mean |SHAP| per input feature on the outer test fold
 
@@ -191,7 +192,7 @@ def _score_outer_fold(
         repeat=repeat, fold=fold, family=str(best["family"]),
         feature_set=str(best["feature_set"]), params=dict(best["params"]),
         inner_score=float(best["inner_score"]), intercept=model.intercept_,
-        slope=model.slope_, threshold=model.threshold_,
+        slope=model.slope_, forest_slope=model.companion_slope_, threshold=model.threshold_,
         importance=ShapExplainer(model).explain(X_test).mean_abs() if regions else pd.Series(),
     )
     return predicted, record

@@ -7,9 +7,10 @@ SHAP is computed on the estimator's design matrix, then summed over the design c
 come from one input feature (a marker's main effect and its treatment interactions, a
 missing-value indicator and its field). Sums of exact SHAP values are exact, and a clinician
 reads "IPF 14 %: +0.4", not a standardised interaction column. A `ResponseModel` is affine in
-the pipeline's log-odds (intercept + slope * margin), so its SHAP values are the pipeline's
-times the slope, and its base value is intercept + slope * the pipeline's base value:
-base + sum(contributions) is the served, recalibrated log-odds exactly.
+its pipelines' log-odds (intercept + slope * margin, plus the stacked forest's weight * its
+margin), so its SHAP values are the pipelines' times their weights, and its base value is
+intercept + the weighted sum of their base values: base + sum(contributions) is the served,
+recalibrated log-odds exactly.
 """
 
 from __future__ import annotations
@@ -60,44 +61,34 @@ class ShapExplainer:
 
     Trees: TreeExplainer (path-dependent, no background needed; equals xgboost's own
     `pred_contribs`). Linear: LinearExplainer against the all-zero design row, which after
-    standardisation is the training mean, so the base value is the intercept.
+    standardisation is the training mean, so the base value is the intercept. A stacked
+    `ResponseModel` is a weighted sum of its members' log-odds, so its SHAP values are the
+    same weighted sum of theirs (members share their input features).
     """
 
     def __init__(self, model: ResponseModel | Pipeline) -> None:
         if isinstance(model, ResponseModel):
-            self.pipeline, self.shift, self.scale = model.pipeline_, model.intercept_, model.slope_
+            members, self.shift = model.members(), model.intercept_
         else:
-            self.pipeline, self.shift, self.scale = model, 0.0, 1.0
-        estimator = self.pipeline[-1]
-        if not isinstance(estimator, XGBClassifier | LogisticRegression):
-            raise TypeError(f"no exact SHAP explainer for {type(estimator).__name__}")
-        import shap  # here, not at import: the service scores without it
-
-        self.inputs, self.design = split_pipeline(self.pipeline)
-        self.input_names, self._groups = design_groups(self.pipeline)
-        if isinstance(estimator, XGBClassifier):
-            self._explainer = shap.TreeExplainer(estimator)
-        else:
-            background = np.zeros((1, len(self._groups)))  # one entry per design column
-            self._explainer = shap.LinearExplainer(
-                estimator, shap.maskers.Independent(background)
-            )
+            members, self.shift = [(model, 1.0)], 0.0
+        self._members = [_Member(pipeline, weight) for pipeline, weight in members]
+        first = self._members[0]
+        self.pipeline, self.inputs, self.input_names = first.pipeline, first.inputs, first.names
+        if any(list(m.names) != list(self.input_names) for m in self._members[1:]):
+            raise TypeError("stacked models must share their input features")
 
     def explain(self, X: pd.DataFrame) -> Explanation:
         inputs = self.inputs.transform(X)
-        # The call API returns the base value with the values: TreeExplainer's
-        # `expected_value` attribute is only logit(base_score) for xgboost until a first
-        # explanation has replaced it with the booster's real bias.
-        result = self._explainer(self.design.transform(inputs))
-        design_shap = np.asarray(result.values, dtype=np.float64)
-        grouped = np.zeros((len(X), len(self.input_names)))
-        np.add.at(grouped.T, self._groups, design_shap.T)
-        base = float(np.ravel(result.base_values)[0])
+        shap_values, base = np.zeros((len(X), len(self.input_names))), self.shift
+        for member in self._members:
+            values, member_base = member.explain(X)
+            shap_values += member.weight * values
+            base += member.weight * member_base
         return Explanation(
             feature_names=self.input_names,
             values=np.asarray(inputs, dtype=np.float64),
-            shap_values=self.scale * grouped,
-            base_value=self.shift + self.scale * base,
+            shap_values=shap_values,
+            base_value=base,
             relative_abundance=self._relative_abundance(X),
         )
 
@@ -109,6 +100,39 @@ class ShapExplainer:
         reads = aligned[[c for c in aligned.columns if schema.is_taxon(c)]]
         shares = reads.div(total.replace(0, np.nan), axis=0)
         return shares.reindex(columns=self.input_names).to_numpy(dtype=np.float64)
+
+
+class _Member:
+    """One pipeline's exact SHAP values, summed per input feature, with its weight in the
+    served log-odds."""
+
+    def __init__(self, pipeline: Pipeline, weight: float) -> None:
+        estimator = pipeline[-1]
+        if not isinstance(estimator, XGBClassifier | LogisticRegression):
+            raise TypeError(f"no exact SHAP explainer for {type(estimator).__name__}")
+        import shap  # here, not at import: the service scores without it
+
+        self.pipeline, self.weight = pipeline, weight
+        self.inputs, self.design = split_pipeline(pipeline)
+        self.names, self._groups = design_groups(pipeline)
+        if isinstance(estimator, XGBClassifier):
+            self._explainer = shap.TreeExplainer(estimator)
+        else:
+            background = np.zeros((1, len(self._groups)))  # one entry per design column
+            self._explainer = shap.LinearExplainer(
+                estimator, shap.maskers.Independent(background)
+            )
+
+    def explain(self, X: pd.DataFrame) -> tuple[np.ndarray, float]:
+        """(SHAP per input feature, base value), in the pipeline's own log-odds."""
+        # The call API returns the base value with the values: TreeExplainer's
+        # `expected_value` attribute is only logit(base_score) for xgboost until a first
+        # explanation has replaced it with the booster's real bias.
+        result = self._explainer(self.design.transform(self.inputs.transform(X)))
+        design_shap = np.asarray(result.values, dtype=np.float64)
+        grouped = np.zeros((len(X), len(self.names)))
+        np.add.at(grouped.T, self._groups, design_shap.T)
+        return grouped, float(np.ravel(result.base_values)[0])
 
 
 def split_pipeline(pipeline: Pipeline) -> tuple[Pipeline, Pipeline]:

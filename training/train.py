@@ -82,6 +82,7 @@ class TrainConfig:
     inner_splits: int | None = None  # None: the preset's
     permutations: int | None = None  # None: the preset's
     threshold: str | float = "youden"
+    stack: bool = True  # stack a random forest with the chosen model (tuning.ResponseModel)
     windows: dict[str, tuple[int, int]] | None = None  # None: outcomes.DEFAULT_WINDOWS
 
     def resolved(self) -> TrainConfig:
@@ -137,7 +138,8 @@ def train(config: TrainConfig) -> TrainResult:
              len(outcomes.excluded))
     search = ModelSearch(families=config.families, features=config.features,
                          preset=config.preset, inner_splits=config.inner_splits,
-                         seed=config.cv.seed, threshold=config.threshold, ranks=config.ranks)
+                         seed=config.cv.seed, threshold=config.threshold, ranks=config.ranks,
+                         stack=config.stack)
 
     confounders = confounder_report(metadata, cohort.counts, y)
 
@@ -171,7 +173,9 @@ def train(config: TrainConfig) -> TrainResult:
         model = final.model_
         chosen = {"family": str(final.best_["family"]),
                   "feature_set": str(final.best_["feature_set"]),
-                  "params": dict(final.best_["params"])}
+                  "params": dict(final.best_["params"]),
+                  "chosen_weight": model.slope_,
+                  "stacked_forest_weight": model.companion_slope_}
         warnings = _warnings(model.flat, chosen, nested) + confounder_warnings(confounders)
         for warning in warnings:
             log.warning("%s", warning)
@@ -181,6 +185,7 @@ def train(config: TrainConfig) -> TrainResult:
         mlflow.log_params({f"chosen.{k}": v for k, v in chosen["params"].items()})
         mlflow.log_metrics({"recalibration_intercept": model.intercept_,
                             "recalibration_slope": model.slope_,
+                            "stacked_forest_weight": model.companion_slope_,
                             "decision_threshold": model.threshold_})
         mlflow.log_table(final.results_.assign(params=final.results_["params"].map(json.dumps)),
                          "inner_search.json")
@@ -190,7 +195,7 @@ def train(config: TrainConfig) -> TrainResult:
         explanation = ShapExplainer(model).explain(X)
         _log_figure(plots.shap_summary_figure(explanation), "shap_summary.png")
         model_info = {
-            "candidate": f"{chosen['family']} ({chosen['feature_set']})",
+            "candidate": candidate_name(chosen),
             "chosen": chosen,
             "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "definition": config.definition,
@@ -203,7 +208,8 @@ def train(config: TrainConfig) -> TrainResult:
             "n_patients": len(np.unique(groups)),
             "cv_metrics": champion,
             "microbiome_added_value": nested.comparisons.get("combined-vs-clinical", {}),
-            "calibration": {"intercept": model.intercept_, "slope": model.slope_},
+            "calibration": {"intercept": model.intercept_, "slope": model.slope_,
+                            "forest_slope": model.companion_slope_},
             "threshold": model.threshold_,
             "warnings": warnings,
             "feature_schema": schema,
@@ -262,6 +268,17 @@ def _warnings(flat: bool, chosen: dict[str, Any], nested: NestedResult) -> list[
     return warnings
 
 
+def candidate_name(chosen: dict[str, Any]) -> str:
+    """What is served, in a few words: the chosen family (feature set), and the stacked
+    forest when it has a weight; the forest alone when the stack gave the chosen model none."""
+    name = f"{chosen['family']} ({chosen['feature_set']})"
+    if chosen.get("stacked_forest_weight", 0.0) <= 0:
+        return name
+    if chosen.get("chosen_weight", 1.0) <= 0:
+        return f"stacked forest ({chosen['feature_set']}; {chosen['family']} weight 0)"
+    return f"{name} + stacked forest"
+
+
 def _log_setup(
     config: TrainConfig, cohort: Cohort, responses: pd.Series, y: np.ndarray, groups: np.ndarray
 ) -> None:
@@ -274,6 +291,7 @@ def _log_setup(
         "inner_splits": config.inner_splits,
         "permutations": config.permutations,
         "threshold_policy": config.threshold,
+        "stack": config.stack,
         "min_reads": config.min_reads,
         **{f"features.{k}": v for k, v in asdict(config.features).items()},
         **{f"cv.{k}": v for k, v in asdict(config.cv).items()},
@@ -355,7 +373,8 @@ def _log_nested(nested: NestedResult, stability: dict[str, float], index: pd.Ind
     folds = pd.DataFrame([{
         "repeat": f.repeat, "fold": f.fold, "family": f.family, "feature_set": f.feature_set,
         "params": json.dumps(f.params), "inner_score": f.inner_score,
-        "recalibration_slope": f.slope, "threshold": f.threshold,
+        "recalibration_slope": f.slope, "stacked_forest_weight": f.forest_slope,
+        "threshold": f.threshold,
     } for f in nested.folds])
     mlflow.log_table(folds, "outer_fold_choices.json")
     mlflow.log_text(champion.predictions(index).to_csv(sep="\t"),

@@ -3,9 +3,9 @@
 `ModelSearch` is one scikit-learn estimator that does all the choosing, so the outer loop of
 nested CV (training.evaluation) can refit it per fold and the reported score includes the
 selection step (no winner's curse). Its fitted `model_` is a `ResponseModel`: the chosen
-pipeline plus a logistic recalibration fitted on that pipeline's own out-of-fold predictions,
-and the decision threshold chosen on them. That `ResponseModel` is what gets registered and
-served.
+pipeline, stacked with a random forest, plus a logistic recalibration fitted on their own
+out-of-fold predictions (which is also the stacking), and the decision threshold chosen on
+them. That `ResponseModel` is what gets registered and served.
 """
 
 from __future__ import annotations
@@ -19,16 +19,20 @@ from scipy.special import expit, logit
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_curve
-from sklearn.model_selection import (
-    GridSearchCV,
-    RandomizedSearchCV,
-    cross_val_predict,
-)
+from sklearn.model_selection import GridSearchCV, RandomizedSearchCV
 from sklearn.pipeline import Pipeline
 from sklearn.utils.validation import check_is_fitted
 
 from training.folds import TreatmentStratifiedGroupKFold
-from training.model import DEFAULT_RANKS, FAMILIES, FEATURE_STEPS, FeatureConfig, feature_set
+from training.model import (
+    DEFAULT_RANKS,
+    FAMILIES,
+    FEATURE_STEPS,
+    FeatureConfig,
+    feature_set,
+    stacked_forest,
+)
+from training.structure import in_block
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +50,33 @@ def margin(pipeline: Pipeline, X: pd.DataFrame) -> np.ndarray:
                       dtype=np.float64)
 
 
-def recalibration(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
-    """(intercept, slope) of logit P(y) = a + b logit(p): the affine map in log-odds that
-    makes out-of-fold probabilities calibrated. A slope <= 0 means no out-of-fold signal: the
-    map collapses to the base rate rather than inverting the ranking."""
-    z = logit(np.clip(p, EPS, 1 - EPS)).reshape(-1, 1)
-    fit = LogisticRegression(C=np.inf).fit(z, y)
-    slope = float(fit.coef_[0, 0])
-    if slope <= 0:
-        return float(logit(np.clip(np.mean(y), EPS, 1 - EPS))), 0.0
-    return float(fit.intercept_[0]), slope
+def recalibration(y: np.ndarray, log_odds: np.ndarray) -> tuple[float, np.ndarray]:
+    """(intercept, slopes) of logit P(y) = a + sum_k b_k z_k over out-of-fold log-odds z
+    (one column per model): the affine map that makes them calibrated and, with two or more
+    models, the stacking weights of each (Breiman's stacked generalisation, constrained to
+    non-negative weights). A model whose slope comes out <= 0 adds no out-of-fold signal
+    beside the others: it gets weight 0 and the rest are refitted; when none is left, the map
+    collapses to the base rate rather than inverting a ranking."""
+    z = np.asarray(log_odds, dtype=np.float64)
+    z = z.reshape(len(z), -1)
+    slopes = np.zeros(z.shape[1])
+    used = np.ones(z.shape[1], dtype=bool)
+    while used.any():
+        fit = LogisticRegression(C=np.inf).fit(z[:, used], y)
+        if (fit.coef_[0] > 0).all():
+            slopes[used] = fit.coef_[0]
+            return float(fit.intercept_[0]), slopes
+        used[np.flatnonzero(used)[np.argmin(fit.coef_[0])]] = False
+    return float(logit(np.clip(np.mean(y), EPS, 1 - EPS))), slopes
+
+
+def out_of_fold_log_odds(pipeline: Pipeline, X: pd.DataFrame, y: np.ndarray,
+                         splits: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Each sample's log-odds from the pipeline fitted without its fold."""
+    z = np.empty(len(y))
+    for train, test in splits:
+        z[test] = margin(clone(pipeline).fit(X.iloc[train], y[train]), X.iloc[test])
+    return z
 
 
 def youden_threshold(y: np.ndarray, p: np.ndarray) -> float:
@@ -66,7 +87,8 @@ def youden_threshold(y: np.ndarray, p: np.ndarray) -> float:
 
 
 class ResponseModel(ClassifierMixin, BaseEstimator):
-    """A pipeline, recalibrated on its own out-of-fold predictions, with a decision threshold.
+    """A pipeline, recalibrated on its own out-of-fold predictions, with a decision threshold;
+    optionally stacked with a companion pipeline.
 
     Penalised and tree models trained on a few hundred episodes are over- or under-confident;
     clinicians act on the probability itself. `fit` runs grouped CV of the pipeline on the
@@ -75,44 +97,69 @@ class ResponseModel(ClassifierMixin, BaseEstimator):
     recalibrated ones, and refits the pipeline on all the data. Recalibrated log-odds are
     affine in the pipeline's, so SHAP values rescaled by `slope_` stay exact.
 
+    With a `companion` (a random forest beside the chosen linear model), the same grouped CV
+    scores both on the same folds and one logistic fit on their two out-of-fold log-odds is
+    both the recalibration and the stacking: served log-odds = intercept + slope * pipeline's
+    + companion_slope * companion's. A weight that comes out <= 0 drops the companion
+    (`companion_` is None). Exact SHAP stays a weighted sum of the two models' exact values.
+
     The map is fitted on fold models but applied to the final one, which saw all the data
     and ranks better: fold models trained on two thirds of it made the map too flat (test
     calibration slope 1.50 at a 95% response rate, up to 1.22 elsewhere; docs/benchmarks.md).
     Five folds (four fifths of the data each) bring those to 0.82-1.13.
     """
 
+    # Models registered before stacking have no companion: these defaults let them load.
+    companion_: Pipeline | None = None
+    companion_slope_: float = 0.0
+
     def __init__(self, pipeline: Pipeline, n_splits: int = 5, seed: int = 7,
-                 threshold: str | float = "youden") -> None:
+                 threshold: str | float = "youden", companion: Pipeline | None = None) -> None:
         self.pipeline = pipeline
         self.n_splits = n_splits
         self.seed = seed
         self.threshold = threshold
+        self.companion = companion
 
     def fit(self, X: pd.DataFrame, y: np.ndarray, groups: np.ndarray | None = None
             ) -> ResponseModel:
         y = np.asarray(y)
         groups = np.arange(len(y)) if groups is None else np.asarray(groups)
         cv = TreatmentStratifiedGroupKFold(self.n_splits, shuffle=True, random_state=self.seed)
-        oof = cross_val_predict(clone(self.pipeline), X, y, groups=groups, cv=cv,
-                                method="predict_proba")[:, 1]
-        self.intercept_, self.slope_ = recalibration(y, oof)
-        calibrated = expit(self.intercept_ + self.slope_ * logit(np.clip(oof, EPS, 1 - EPS)))
+        splits = list(cv.split(X, y, groups))
+        members = [self.pipeline] if self.companion is None else [self.pipeline,
+                                                                   self.companion]
+        oof = np.column_stack([out_of_fold_log_odds(m, X, y, splits) for m in members])
+        self.intercept_, slopes = recalibration(y, oof)
+        self.slope_ = float(slopes[0])
+        self.companion_slope_ = float(slopes[1]) if len(slopes) > 1 else 0.0
+        calibrated = expit(self.intercept_ + oof @ slopes)
         self.threshold_ = (youden_threshold(y, calibrated) if self.threshold == "youden"
                            else float(self.threshold))
         self.pipeline_ = clone(self.pipeline).fit(X, y)
+        self.companion_ = (clone(self.companion).fit(X, y) if self.companion_slope_ > 0
+                           else None)
         self.classes_ = self.pipeline_.classes_
         return self
+
+    def members(self) -> list[tuple[Pipeline, float]]:
+        """The fitted pipelines with their weights in the served log-odds."""
+        check_is_fitted(self, "pipeline_")
+        members = [(self.pipeline_, self.slope_)]
+        if self.companion_ is not None:
+            members.append((self.companion_, self.companion_slope_))
+        return members
 
     @property
     def flat(self) -> bool:
         """True when out-of-fold predictions carried (almost) no ranking information."""
         check_is_fitted(self, "slope_")
-        return self.slope_ < FLAT_SLOPE
+        return max(self.slope_, self.companion_slope_) < FLAT_SLOPE
 
     def decision_function(self, X: pd.DataFrame) -> np.ndarray:
-        """Recalibrated log-odds of response."""
-        check_is_fitted(self, "pipeline_")
-        return self.intercept_ + self.slope_ * margin(self.pipeline_, X)
+        """Recalibrated (and stacked) log-odds of response."""
+        return self.intercept_ + sum(weight * margin(pipeline, X)
+                                     for pipeline, weight in self.members())
 
     def predict_proba(self, X: pd.DataFrame) -> np.ndarray:
         p = expit(self.decision_function(X))
@@ -132,15 +179,17 @@ class ModelSearch(ClassifierMixin, BaseEstimator):
     on the same grouped inner folds of those features. Anything that sees the
     label, and every choice, is thus made inside the inner folds, and the outer test fold is
     never seen. The best configuration is refitted from raw inputs as a `ResponseModel`
-    (`model_`). `results_` holds every configuration's inner score, so the outer loop can also
-    refit the best of one feature set or family (`refit_best`) and score it on the same folds.
+    (`model_`), stacked with a random forest on the same rank and feature set (`stack`;
+    training.model.stacked_forest) whose weight is fitted out of fold. `results_` holds
+    every configuration's inner score, so the outer loop can also refit the best of one
+    feature set or family (`refit_best`) and score it on the same folds.
     """
 
     def __init__(self, families: tuple[str, ...] = ("linear",),
                  features: FeatureConfig | None = None, preset: str = "fast",
                  inner_splits: int = 3, seed: int = 7, threshold: str | float = "youden",
                  scoring: str = "roc_auc", selection: str = "one_se",
-                 ranks: tuple[str, ...] | None = None) -> None:
+                 ranks: tuple[str, ...] | None = None, stack: bool = True) -> None:
         self.families = families
         self.features = features
         self.preset = preset
@@ -150,6 +199,7 @@ class ModelSearch(ClassifierMixin, BaseEstimator):
         self.scoring = scoring
         self.selection = selection
         self.ranks = ranks
+        self.stack = stack
 
     def _cv(self) -> TreatmentStratifiedGroupKFold:
         return TreatmentStratifiedGroupKFold(self.inner_splits, shuffle=True,
@@ -166,18 +216,31 @@ class ModelSearch(ClassifierMixin, BaseEstimator):
         y = np.asarray(y)
         groups = np.arange(len(y)) if groups is None else np.asarray(groups)
         first = self._pipeline(self.families[0])
-        rows = []
+        rows, columns = [], {}
         for rank in self._ranks():
             features = first[:FEATURE_STEPS].set_params(align__rank=rank).fit_transform(X, y)
+            columns[rank] = [str(c) for c in features.columns]
             rows += [{**row, "rank": rank, "params": {"align__rank": rank, **row["params"]}}
                      for family in self.families
                      for row in self._search(family, features, y, groups)]
         self.results_ = pd.DataFrame(rows)
         self.best_ = self.best_of()
         self.model_ = ResponseModel(self._configured(self.best_), seed=self.seed,
-                                    threshold=self.threshold).fit(X, y, groups)
+                                    threshold=self.threshold,
+                                    companion=self._companion(self.best_, columns)
+                                    ).fit(X, y, groups)
         self.classes_ = self.model_.classes_
         return self
+
+    def _companion(self, best: pd.Series, columns: dict[str, list[str]]) -> Pipeline | None:
+        """The forest stacked with the chosen configuration (`stack`), on its rank and
+        feature set."""
+        if not self.stack:
+            return None
+        rank, blocks = str(best["rank"]), str(best["feature_set"])
+        n_features = sum(in_block(c, blocks) for c in columns[rank])
+        return stacked_forest(self.features or FeatureConfig(), blocks, n_features,
+                              self.seed).set_params(align__rank=rank)
 
     def _ranks(self) -> tuple[str, ...]:
         """Taxonomic ranks the inner CV chooses among: `ranks`, else DEFAULT_RANKS."""
