@@ -90,7 +90,6 @@ class CompiledModel:
                 raise TypeError("cannot compile this model: its stacked pipelines do not "
                                 "share their features")
 
-
     # --- raw inputs -> features --------------------------------------------------------------
 
     def _profiles(self, profiles: Sequence[Mapping[str, float]]
