@@ -109,9 +109,7 @@ def reason_code(error: Exception) -> str:
     if isinstance(error, CandidateRejected):
         return f"{error.check}_check_failed"
     if _integrity_error(error):
-        text = str(error)
-        return "signature_invalid" if "signature" in text else (
-            "digest_mismatch" if "digest" in text else "integrity_error")
+        return str(getattr(error, "kind", "integrity_error"))
     return "load_failed"
 
 

@@ -82,7 +82,7 @@ class FakeRegistry:
             raise ConnectionError("artifact download interrupted")
         if version in self.tampered:
             raise ModelIntegrityError(f"itp-response version {version}: files do not match "
-                                      f"the registered digest")
+                                      f"the registered digest", kind="digest_mismatch")
         self.loads.append(version)
         stored = StoredModel(model=None, name="itp-response", version=version,  # type: ignore[arg-type]
                              run_id=f"run-{version}", source=ALIAS_URI,

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.loading import ModelSlot
+from service.loading import ModelSlot, reason_code
 from service.model import LoadedModel, load_model
 from service.settings import Settings
 from tests.conftest import Trained
@@ -408,16 +408,21 @@ def test_bundle_integrity_against_signature_registry_and_pin(trained: Trained,
 
     _tamper(bundle)
     registry.load(str(bundle))  # only its own record: still loads, and says so
-    with pytest.raises(registry.ModelIntegrityError, match="signature does not verify"):
+    # /ready's public reason is the error's kind, never its text (which names paths)
+    with pytest.raises(registry.ModelIntegrityError, match="signature does not verify") as e:
         registry.load(str(bundle), public_key=public)
-    with pytest.raises(registry.ModelIntegrityError, match="not the one registered"):
+    assert reason_code(e.value) == "signature_invalid"
+    with pytest.raises(registry.ModelIntegrityError, match="not the one registered") as e:
         registry.load(str(bundle), check_registry=True)
-    with pytest.raises(registry.ModelIntegrityError, match="pinned digest"):
+    assert reason_code(e.value) == "digest_mismatch"
+    with pytest.raises(registry.ModelIntegrityError, match="pinned digest") as e:
         registry.load(str(bundle), expected_sha256=digest)
+    assert reason_code(e.value) == "digest_mismatch"
     forged = base64.b64encode(b"\0" * 64).decode()
     (bundle / registry.SIGNATURE_FILE).write_text(forged)
-    with pytest.raises(registry.ModelIntegrityError, match="signature does not verify"):
+    with pytest.raises(registry.ModelIntegrityError, match="signature does not verify") as e:
         registry.load(str(bundle), public_key=public)
+    assert reason_code(e.value) == "signature_invalid"
 
 
 def test_exported_bundles_are_readable_by_the_service_user(trained: Trained) -> None:

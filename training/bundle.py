@@ -55,7 +55,13 @@ TRUSTED_TYPES: list[str] = [
 
 
 class ModelIntegrityError(RuntimeError):
-    """The model files are not the ones that were registered or exported."""
+    """The model files are not the ones that were registered or exported. `kind` is the
+    short public reason (`digest_mismatch`, `signature_invalid` or `integrity_error`): the
+    message may name hosts and paths, the kind never does."""
+
+    def __init__(self, message: str, kind: str = "integrity_error") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -116,7 +122,7 @@ def verify_signature(directory: Path, info: dict[str, Any], public_key: Path) ->
         key.verify(base64.b64decode(signature.read_text().strip()), _signed_message(info))
     except (InvalidSignature, ValueError):
         raise ModelIntegrityError(f"{directory}: the bundle's signature does not verify with "
-                                  f"{public_key.name}") from None
+                                  f"{public_key.name}", kind="signature_invalid") from None
 
 
 def load_bundle(directory: Path, expected_sha256: str | None = None,
@@ -139,7 +145,7 @@ def load_bundle(directory: Path, expected_sha256: str | None = None,
         if registered_digest(info["name"], info["version"]) != info.get(DIGEST_TAG):
             raise ModelIntegrityError(f"{directory}: the bundle's digest is not the one "
                                       f"registered for {info['name']} version "
-                                      f"{info['version']}")
+                                      f"{info['version']}", kind="digest_mismatch")
         checks.append("registry")
     if expected_sha256 is not None:
         checks.append("pinned")
@@ -165,7 +171,8 @@ def load_directory(
                                   f"unverifiable model (register it with itp-train)")
     for label, wanted in (("recorded", recorded), ("pinned", expected)):
         if wanted is not None and wanted != actual:
-            raise ModelIntegrityError(f"{source}: model files do not match the {label} digest")
+            raise ModelIntegrityError(f"{source}: model files do not match the {label} digest",
+                                      kind="digest_mismatch")
     model = skops.io.loads(files[MODEL_FILE], trusted=TRUSTED_TYPES)
     if not isinstance(model, ResponseModel):
         raise ModelIntegrityError(f"{source}: not a ResponseModel ({type(model).__name__}); "

@@ -199,7 +199,7 @@ def export_bundle(model_uri: str, out: Path, sign_key: Path | None = None) -> Pa
         if actual != version.tags.get(DIGEST_TAG):
             raise ModelIntegrityError(
                 f"{version.name} version {version.version}: files do not match the "
-                f"registered digest"
+                f"registered digest", kind="digest_mismatch"
             )
         info = {"name": version.name, "version": str(version.version), "run_id": version.run_id,
                 "source": model_uri, DIGEST_TAG: actual}
