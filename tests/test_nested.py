@@ -214,9 +214,9 @@ def test_recalibration_never_inverts_a_ranking_and_flags_a_flat_model() -> None:
 
 
 def test_stacking_weights_each_model_by_what_it_adds_out_of_fold() -> None:
-    """Two models that each carry part of the signal both get a positive weight (and the
-    stack ranks better than either); a model that only adds noise or ranks backwards given
-    the other gets weight 0 rather than a negative one."""
+    """Two models that each carry part of the signal both get a positive weight; a model
+    that adds nothing given the other gets (about) 0, and one that ranks backwards given the
+    other gets exactly 0 rather than a negative weight."""
     rng = np.random.default_rng(1)
     a, b = rng.normal(size=(2, 4000))
     y = (rng.random(a.size) < expit(a + b)).astype(int)
