@@ -61,6 +61,10 @@ def test_training_run_logs_params_metrics_plots_model_and_schema(trained: Traine
     assert int(params["n_patients"]) <= trained.truth["n_patients"]
     assert run.data.tags["data_fingerprint"] == load_cohort(trained.data).fingerprint
     assert run.data.tags["version.sklearn"]
+    # what is served, stacked forest included, and its weight beside the chosen model's
+    assert run.data.tags["served_model"] == candidate_name(trained.result["chosen"])
+    assert metrics["stacked_forest_weight"] == pytest.approx(
+        trained.result["chosen"]["stacked_forest_weight"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"roc_curve.png", "calibration_curve.png", "shap_summary.png", "feature_schema.json",
             "cv_predictions.tsv", "cohort_summary.json"} <= artifacts

@@ -181,6 +181,7 @@ def train(config: TrainConfig) -> TrainResult:
             log.warning("%s", warning)
         mlflow.set_tags({"chosen_family": chosen["family"],
                          "chosen_feature_set": chosen["feature_set"],
+                         "served_model": candidate_name(chosen),  # with the stacked forest
                          "warnings": " | ".join(warnings) or "none"})
         mlflow.log_params({f"chosen.{k}": v for k, v in chosen["params"].items()})
         mlflow.log_metrics({"recalibration_intercept": model.intercept_,
