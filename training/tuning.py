@@ -72,7 +72,9 @@ def recalibration(y: np.ndarray, log_odds: np.ndarray) -> tuple[float, np.ndarra
 
 def out_of_fold_log_odds(pipeline: Pipeline, X: pd.DataFrame, y: np.ndarray,
                          splits: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-    """Each sample's log-odds from the pipeline fitted without its fold."""
+    """Each sample's log-odds from the pipeline fitted without its fold. Not
+    `cross_val_predict`: XGBoost has no `decision_function`, and logit of its rounded
+    probabilities would not be the margin its SHAP values add up to."""
     z = np.empty(len(y))
     for train, test in splits:
         z[test] = margin(clone(pipeline).fit(X.iloc[train], y[train]), X.iloc[test])
