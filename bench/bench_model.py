@@ -46,8 +46,8 @@ def load(cohort: object, directory: Path) -> tuple[pd.DataFrame, np.ndarray, np.
             cohort.metadata, cohort.feature_table)
 
 
-def run(scenario_name: str, seed: int, patients: int, preset: str, workdir: Path
-        ) -> dict[str, object]:
+def run(scenario_name: str, seed: int, patients: int, preset: str, workdir: Path,
+        ranks: tuple[str, ...] | None = None) -> dict[str, object]:
     from training.evaluation import CVConfig, calibration, nested_cross_validate
     from training.model import DEFAULT_FAMILIES
     from training.simulate import SCENARIOS, oracle_design, oracle_model, simulate
@@ -56,7 +56,7 @@ def run(scenario_name: str, seed: int, patients: int, preset: str, workdir: Path
 
     scenario = SCENARIOS[scenario_name]
     search = ModelSearch(families=DEFAULT_FAMILIES[preset], preset=preset, seed=seed,
-                         inner_splits=PRESET_SETTINGS[preset]["inner_splits"])
+                         inner_splits=PRESET_SETTINGS[preset]["inner_splits"], ranks=ranks)
     X, y, groups, meta, table = load(simulate(patients, seed, scenario),
                                      workdir / f"{scenario_name}-{seed}-train")
     started = time.perf_counter()
@@ -104,7 +104,10 @@ def main() -> None:
     parser.add_argument("--seeds", default="7,8,9")
     parser.add_argument("--patients", type=int, default=400)
     parser.add_argument("--preset", default="fast")
+    parser.add_argument("--ranks", default=None,
+                        help="comma-separated taxonomic ranks to search (default: the preset's)")
     args = parser.parse_args()
+    ranks = tuple(args.ranks.split(",")) if args.ranks else None
 
     from training.simulate import SCENARIOS
 
@@ -114,11 +117,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="itp-bench-model-") as tmp:
         for name in names:
             for seed in seeds:
-                rows.append(run(name, seed, args.patients, args.preset, Path(tmp)))
+                rows.append(run(name, seed, args.patients, args.preset, Path(tmp), ranks))
                 print(rows[-1], file=sys.stderr, flush=True)
     frame = pd.DataFrame(rows)
     print(f"\nModel benchmark: preset {args.preset}, {args.patients} patients per draw, "
-          f"seeds {args.seeds}\n")
+          f"seeds {args.seeds}" + (f", ranks {args.ranks}" if ranks else "") + "\n")
     print(f"Environment: {environment(PACKAGES)}\n")
     scored = frame[frame["scenario"] != "null"]
     if not scored.empty:

@@ -3,7 +3,8 @@
 The six MetAML disease tasks (Pasolli et al. 2016, ../shared/data/metaml, never copied into
 the repository). Every method is scored on the same repeated, subject-grouped outer folds:
 
-- ours: `ModelSearch` at its defaults (preset fast, genus or species chosen in inner CV),
+- ours: `ModelSearch` at its defaults (preset fast, genus or species chosen in inner CV;
+  `--ranks` overrides),
   nested inside the folds;
 - RF-500: MetAML's random forest (500 trees, sqrt features) on species relative abundances;
 - SIAMCAT-style L1: log10(abundance + 1e-5), standardised, L1 logistic regression with C
@@ -80,7 +81,11 @@ def main() -> None:
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--ranks", default=None,
+                        help="comma-separated taxonomic ranks ours searches (default: the "
+                             "fast preset's)")
     args = parser.parse_args()
+    ranks = tuple(args.ranks.split(",")) if args.ranks else None
     if not DATA.is_file():
         sys.exit(f"MetAML data not found at {DATA} (see ../shared/data/metaml/SOURCE.md)")
 
@@ -105,7 +110,8 @@ def main() -> None:
         weights = []
         started = time.perf_counter()
         for repeat, train, test in grouped_splits(y, groups, config):
-            ours = ModelSearch(seed=args.seed).fit(X.iloc[train], y[train], groups[train])
+            ours = ModelSearch(seed=args.seed, ranks=ranks).fit(X.iloc[train], y[train],
+                                                                groups[train])
             oof["ours"][repeat, test] = ours.predict_proba(X.iloc[test])[:, 1]
             # members alone: their own log-odds rank the test fold (read the AUROC only)
             oof["linear member"][repeat, test] = expit(margin(ours.model_.pipeline_,
@@ -130,7 +136,8 @@ def main() -> None:
         print(row, file=sys.stderr, flush=True)
 
     print(f"\nReal-data benchmark: MetAML tasks, {config.n_splits}x{args.repeats} grouped outer "
-          "folds shared by all methods, AUROC (95% patient-bootstrap CI)\n")
+          "folds shared by all methods, AUROC (95% patient-bootstrap CI)"
+          + (f"; ours searches ranks {args.ranks}" if ranks else "") + "\n")
     print(f"Environment: {environment(PACKAGES)}\n")
     print("| task | n (pos) | ours (nested, default search) | RF-500 (species) "
           "| SIAMCAT-L1 (species) "

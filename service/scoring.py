@@ -32,10 +32,10 @@ from sklearn.pipeline import Pipeline
 
 from training import schema
 from training.explain import Explanation, design_groups
-from training.features import phases
+from training.features import phases, relative_abundances
 from training.schema import CLINICAL_BY_NAME, Kind
 from training.structure import DIVERSITY, LinearDesign
-from training.taxonomy import lineage_at_rank, taxon_key
+from training.taxonomy import levels, lineage_at_rank, taxon_features
 from training.tuning import ResponseModel
 
 
@@ -68,17 +68,27 @@ class CompiledModel:
                                             for key, name in aligner.keys_.items()}
         self.n_taxa = len(aligner.vocabulary_)
         features = steps["features"]
-        taxa = features.named_transformers_["taxa"].named_steps
-        self.kept = np.flatnonzero(taxa["filter"].support_)
-        self.pseudocount = float(taxa["clr"].pseudocount)
+        # One composition per rank (training.features.feature_steps): its vocabulary columns
+        # and the filter's kept columns within them.
+        columns = {name: np.array([position[str(c)] for c in selected], dtype=int)
+                   for name, _, selected in features.transformers_ if name != "clinical"}
+        self.compositions: list[tuple[np.ndarray, np.ndarray]] = []
+        layout: list[str] = []
+        vocabulary = np.asarray(aligner.vocabulary_, dtype=object)
+        for name, transformer in features.named_transformers_.items():
+            if name.startswith("taxa") and len(columns[name]):  # an empty one is not fitted
+                kept = np.flatnonzero(transformer.named_steps["filter"].support_)
+                self.compositions.append((columns[name], kept))
+                layout += list(vocabulary[columns[name][kept]])
+        self.pseudocount = float(features.named_transformers_["taxa"]["clr"].pseudocount)
+        self.diversity_columns = columns["diversity"]
         self.detection = float(features.named_transformers_["diversity"].detection)
         encoder = features.named_transformers_["clinical"]
         self.clinical_names = [str(n) for n in encoder.get_feature_names_out()]
         unknown = [n for n in self.clinical_names if not _compilable(n)]
         if unknown:  # fail at load, not on every request
             raise TypeError(f"cannot compile the clinical features {unknown}")
-        vocabulary = np.asarray(aligner.vocabulary_, dtype=object)
-        layout = [*vocabulary[self.kept], *DIVERSITY, *self.clinical_names]
+        layout += [*DIVERSITY, *self.clinical_names]
         if [str(n) for n in features.get_feature_names_out()] != layout:
             raise TypeError("cannot compile this pipeline: unexpected feature layout")
         self.blocks = np.flatnonzero(steps["blocks"].support_)
@@ -93,24 +103,31 @@ class CompiledModel:
     # --- raw inputs -> features --------------------------------------------------------------
 
     def _profiles(self, profiles: Sequence[Mapping[str, float]]
-                  ) -> tuple[np.ndarray, np.ndarray, list[dict[str, float]]]:
-        """Reads per vocabulary taxon, total reads, and the unknown taxa's shares."""
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, float]]]:
+        """Reads per vocabulary taxon, total reads, reads that land on a feature, and the
+        unknown taxa's shares."""
         reads = np.zeros((len(profiles), self.n_taxa))
-        totals = np.zeros(len(profiles))
+        totals, matched = np.zeros(len(profiles)), np.zeros(len(profiles))
+        finest = levels(self.rank)[-1]
         unknown: list[dict[str, float]] = []
         for i, counts in enumerate(profiles):
             total = math.fsum(counts.values())
             totals[i] = total
             missing: dict[str, float] = {}
             for taxon, value in counts.items():
-                column = self.taxon_index.get(taxon_key(taxon, self.rank))
-                if column is not None:
-                    reads[i, column] += value
+                known = False
+                for key, _ in taxon_features(taxon, self.rank):
+                    column = self.taxon_index.get(key)
+                    if column is not None:
+                        reads[i, column] += value
+                        known = True
+                if known:
+                    matched[i] += value
                 elif value > 0 and total > 0:
-                    name = lineage_at_rank(taxon, self.rank) or taxon
+                    name = lineage_at_rank(taxon, finest) or taxon
                     missing[name] = missing.get(name, 0.0) + value / total
             unknown.append(missing)
-        return reads, totals, unknown
+        return reads, totals, matched, unknown
 
     def _clinical(self, patients: Sequence[PatientLike]) -> np.ndarray:
         def column(name: str) -> np.ndarray:
@@ -142,18 +159,19 @@ class CompiledModel:
         return out
 
     def features(self, reads: np.ndarray, clinical: np.ndarray) -> np.ndarray:
-        """The named input features (after the blocks): CLR of kept taxa, diversity,
-        clinical encoding, in the pipeline's order."""
-        totals = reads.sum(axis=1, keepdims=True)
-        proportions = np.divide(reads, totals, out=np.zeros_like(reads), where=totals > 0)
-        logs = np.log(proportions[:, self.kept] + self.pseudocount)
-        clr = logs - logs.mean(axis=1, keepdims=True)
+        """The named input features (after the blocks): CLR of kept taxa per rank,
+        diversity, clinical encoding, in the pipeline's order."""
+        clrs = []
+        for columns, kept in self.compositions:
+            logs = np.log(relative_abundances(reads[:, columns])[:, kept] + self.pseudocount)
+            clrs.append(logs - logs.mean(axis=1, keepdims=True))
+        proportions = relative_abundances(reads[:, self.diversity_columns])
         with np.errstate(divide="ignore", invalid="ignore"):
             terms = np.where(proportions > 0, proportions * np.log(proportions), 0.0)
         shannon = -terms.sum(axis=1)
-        shannon[totals[:, 0] == 0] = np.nan
+        shannon[proportions.sum(axis=1) == 0] = np.nan
         observed = (proportions >= self.detection).sum(axis=1).astype(float)
-        return np.hstack([clr, shannon[:, None], observed[:, None], clinical])[:, self.blocks]
+        return np.hstack([*clrs, shannon[:, None], observed[:, None], clinical])[:, self.blocks]
 
     # --- features -> log-odds and SHAP -------------------------------------------------------
 
@@ -162,7 +180,8 @@ class CompiledModel:
         return self.shift + sum(weight * head.margin(values) for head, weight in self.heads)
 
     def score(self, patients: Sequence[PatientLike], explain: bool = True) -> Scored:
-        reads, totals, unknown = self._profiles([p.microbiome.counts for p in patients])
+        reads, totals, matched, unknown = self._profiles([p.microbiome.counts
+                                                          for p in patients])
         values = self.features(reads, self._clinical(patients))
         n = len(patients)
         contributions, base = np.zeros((n, len(self.input_names))), self.shift
@@ -179,9 +198,9 @@ class CompiledModel:
             feature_names=self.input_names, values=values,
             shap_values=contributions, base_value=base,
             relative_abundance=shares)
-        matched = np.divide(reads.sum(axis=1), totals, out=np.zeros(n), where=totals > 0)
-        return Scored(explanation, expit(self.log_odds(values)),
-                      np.clip(matched, 0.0, 1.0), unknown)
+        share = np.divide(matched, totals, out=np.zeros(n), where=totals > 0)
+        return Scored(explanation, expit(self.log_odds(values)), np.clip(share, 0.0, 1.0),
+                      unknown)
 
 
 def _compilable(name: str) -> bool:

@@ -95,6 +95,48 @@ def test_aligner_sums_species_into_genus() -> None:
     assert out[FAECALI].tolist() == [5.0, 0.0, 9.0]
 
 
+def test_both_ranks_count_a_species_for_its_genus_and_itself() -> None:
+    """`both`: genus columns hold every read of the genus (species and genus-level rows), and
+    species columns only reads named at species, so no genus is counted twice."""
+    fragilis = f"{BACTEROIDES_G};s__Bacteroides_fragilis"
+    X = _aligner_frame({
+        "k__Bacteria|p__Bacteroidota|c__Bacteroidia|o__Bacteroidales|f__Bacteroidaceae|"
+        "g__Bacteroides|s__Bacteroides_fragilis": [1.0, 2.0, 0.0],
+        f"{BACTEROIDES_G};s__Bacteroides_ovatus": [10.0, 0.0, 0.0],
+        BACTEROIDES_G: [100.0, 7.0, 0.0],
+        FAECALI: [5.0, 0.0, 9.0],
+    })
+    aligner = TaxonomyAligner(rank="both").fit(X)
+    out = aligner.transform(X)
+    ovatus = f"{BACTEROIDES_G};s__Bacteroides_ovatus"
+    assert list(out.columns) == ["treatment", "baseline_platelets", BACTEROIDES_G, fragilis,
+                                 ovatus, FAECALI]
+    assert out[BACTEROIDES_G].tolist() == [111.0, 9.0, 0.0]
+    assert out[fragilis].tolist() == [1.0, 2.0, 0.0]
+    assert out[ovatus].tolist() == [10.0, 0.0, 0.0]
+    assert aligner.matched_share(X).tolist() == [1.0, 1.0, 1.0]  # each read once, not twice
+    novel = f"{BACTEROIDES_G};s__Bacteroides_novus"  # a new species of a known genus
+    assert aligner.unknown_taxa({novel: 5.0, FAECALI: 5.0}) == {}
+    assert aligner.unknown_taxa({"d__Bacteria;g__Novelgenus;s__Novelgenus_x": 1.0}) == {
+        "d__Bacteria;g__Novelgenus;s__Novelgenus_x": 1.0}
+
+
+def test_both_ranks_are_two_compositions() -> None:
+    """Each rank of `both` is closed and CLR-transformed on its own (each block's CLR sums
+    to 0); diversity comes from the genus composition, as at rank genus."""
+    X = raw_frame(40, 3, [*GENERA[:3], f"{GENERA[0]};s__{GENERA[0].rsplit('__', 1)[1]}_alpha",
+                          f"{GENERA[1]};s__{GENERA[1].rsplit('__', 1)[1]}_beta"])
+    both, genus = (FAMILIES["linear"].build(FeatureConfig(rank=rank, min_prevalence=0), 0)[:2]
+                   .fit_transform(X) for rank in ("both", "genus"))
+    species = [c for c in both.columns if ";s__" in c]
+    genera = [c for c in both.columns if is_taxon(c) and c not in species]
+    assert len(species) == 2 and genera == [c for c in genus.columns if is_taxon(c)]
+    np.testing.assert_allclose(both[species].sum(axis=1), 0.0, atol=1e-12)
+    pd.testing.assert_frame_equal(both[genera], genus[genera])
+    pd.testing.assert_frame_equal(both[["shannon_diversity", "observed_genera"]],
+                                  genus[["shannon_diversity", "observed_genera"]])
+
+
 def test_aligner_vocabulary_is_learned_in_fit_only() -> None:
     """New taxa at transform are left out; known taxa a sample lacks read as zero."""
     aligner = TaxonomyAligner().fit(_aligner_frame({FAECALI: [1, 2, 3], BACTEROIDES_G: [0, 4, 0],

@@ -23,6 +23,7 @@ from training.evaluation import (
 )
 from training.features import TaxonomyAligner
 from training.model import FAMILIES, Family, FeatureBlocks, FeatureConfig, SearchForm
+from training.schema import is_taxon
 from training.structure import BlockWeights, LinearDesign
 from training.tuning import ModelSearch, ResponseModel, recalibration
 
@@ -193,6 +194,20 @@ def test_search_serves_a_recalibrated_model_of_its_best_configuration() -> None:
     assert search.model_.pipeline_.memory is None
     np.testing.assert_allclose(search.predict_proba(X), search.model_.predict_proba(X))
     assert 0 < search.model_.threshold_ < 1
+    # a genus-level table: species and both would give the same features, so are not searched
+    assert set(search.results_["rank"]) == {"genus"}
+
+
+def test_search_chooses_among_ranks_that_give_different_features() -> None:
+    """With species-level reads, genus, species and both are distinct choices, each scored
+    on the inner folds; the served model has the chosen rank."""
+    X, y, groups = cohort(60, seed=9)
+    X = X.rename(columns=lambda c: f"{c};s__{c.rsplit('__', 1)[1]}_{len(c) % 2}"
+                 if is_taxon(c) and c.endswith(("1", "3", "5")) else c)
+    search = ModelSearch(seed=5, ranks=("genus", "species", "both"), stack=False).fit(
+        X, y, groups)
+    assert set(search.results_["rank"]) == {"genus", "species", "both"}
+    assert search.model_.pipeline_.named_steps["align"].rank == search.best_["rank"]
 
 
 def test_recalibration_never_inverts_a_ranking_and_flags_a_flat_model() -> None:

@@ -33,7 +33,13 @@ VARIANTS = {  # family, feature config, pipeline parameters (stacked: with the f
     "linear + stacked forest": ("linear", FeatureConfig(), {"model__alpha": 0.01}),
     "linear + stacked forest, clinical only": ("linear", FeatureConfig(),
                                                {"blocks__blocks": "clinical"}),
+    "linear + stacked forest, genus and species": ("linear", FeatureConfig(rank="both"),
+                                                   {"model__alpha": 0.01}),
 }
+
+
+_NOVEL_SPECIES = ("d__Bacteria;p__Firmicutes;c__Clostridia;o__Lachnospirales;"
+                  "f__Lachnospiraceae;g__Blautia;s__Blautia_novus")
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +53,8 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     for i, payload in enumerate(payloads[:40]):
         if i % 3 == 0:
             payload["microbiome"]["counts"]["d__Bacteria;p__Firmicutes;g__Novelgenus"] = 500.0
+        if i % 4 == 0:  # a species the model never saw, of a genus it knows
+            payload["microbiome"]["counts"][_NOVEL_SPECIES] = 300.0
     patients = [Patient.model_validate(p) for p in payloads[:60]]
     return {"loaded": loaded, "y": y, "patients": patients}
 

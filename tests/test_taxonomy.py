@@ -77,13 +77,14 @@ def _profile(scheme: str) -> pd.DataFrame:
     return pd.DataFrame(READS, columns=SPELLINGS[scheme], index=["a", "b", "c"])
 
 
-@pytest.mark.parametrize("rank", ["genus", "species"])
-def test_one_profile_written_four_ways_gives_the_same_features(rank: str) -> None:
+@pytest.mark.parametrize(("rank", "n_features"), [("genus", 6), ("species", 6), ("both", 11)])
+def test_one_profile_written_four_ways_gives_the_same_features(rank: str, n_features: int
+                                                               ) -> None:
     """An aligner fitted on SILVA 138 names scores SILVA 132, GTDB and MetaPhlAn spellings of
     the same profile to identical features, with every read matched."""
     aligner = TaxonomyAligner(rank).fit(_profile("silva138"))
     reference = aligner.transform(_profile("silva138"))
-    assert reference.shape == (3, 6)
+    assert reference.shape == (3, n_features)
     for scheme in ("silva132", "gtdb", "metaphlan"):
         scored = aligner.transform(_profile(scheme))
         pd.testing.assert_frame_equal(scored, reference, check_names=False, obj=scheme)

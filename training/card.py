@@ -21,6 +21,7 @@ from training.evaluation import NestedResult, net_benefit
 from training.outcomes import BASELINE_CEILINGS, DEFAULT_WINDOWS, Outcomes
 from training.schema import CLINICAL_FIELDS, SUBJECT_ID, TREATMENT
 from training.subgroups import subgroup_table
+from training.taxonomy import levels
 
 SUBGROUPS = "### Subgroups (out-of-fold predictions)"
 LIMITATIONS = "## Limitations"
@@ -92,6 +93,7 @@ def model_card(facts: CardInputs) -> str:
     subgroups = subgroup_table(meta, champion.y, champion.oof[0])
     share = facts.cohort.unassigned_share
     taxa_used = facts.feature_schema.get("taxa_used", [])
+    rank = levels(str(facts.feature_schema.get("rank", "genus")))
     lines = [
         f"# Model card: {facts.name}",
         "",
@@ -123,7 +125,8 @@ def model_card(facts: CardInputs) -> str:
         "",
         "### Microbiome data (STORMS)",
         f"- Sequencing and profile type: {_sequencing(facts.cohort)}.",
-        f"- Taxonomic rank of the features: {facts.feature_schema.get('rank')}; taxa "
+        f"- Taxonomic rank of the features: {' and '.join(rank)}"
+        f"{' (each its own composition)' if len(rank) > 1 else ''}; taxa "
         f"harmonised across SILVA, GTDB, Greengenes2 and MetaPhlAn names "
         "(docs/data-format.md).",
         f"- Depth filtering: samples with fewer than {facts.min_reads} reads dropped "

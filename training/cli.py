@@ -13,7 +13,7 @@ import click
 
 from training.model import FAMILIES, PRESETS
 from training.outcomes import DEFINITIONS, TARGETS
-from training.schema import RANKS
+from training.schema import FEATURE_RANKS
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 T = TypeVar("T")
@@ -140,9 +140,10 @@ def validate(data: Path, min_reads: int, definition: str) -> None:
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Outer folds fitted in parallel.")
 @click.option("--min-reads", type=click.IntRange(min=0), default=1000, show_default=True)
-@click.option("--rank", "ranks", type=click.Choice(RANKS), multiple=True,
+@click.option("--rank", "ranks", type=click.Choice(FEATURE_RANKS), multiple=True,
               help="Taxonomic rank of the microbiome features (repeatable: the inner CV "
-                   "chooses among them; default: genus and species).")
+                   "chooses among them; 'both': genus and species side by side; default: "
+                   "genus and species, and both with --preset thorough).")
 @click.option("--min-prevalence", type=click.FloatRange(0, 1), default=0.1, show_default=True)
 @click.option("--response-window", "response_windows", multiple=True, metavar="TREATMENT=LO-HI",
               help="Days after treatment start within which the response assessment must "

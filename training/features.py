@@ -25,8 +25,8 @@ from sklearn.pipeline import Pipeline
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from training import schema
-from training.schema import CLINICAL_FIELDS, RANKS, TREATMENT, Kind
-from training.taxonomy import lineage_at_rank, taxon_key
+from training.schema import CLINICAL_FIELDS, FEATURE_RANKS, TREATMENT, Kind
+from training.taxonomy import RANK_PREFIXES_OUT, levels, lineage_at_rank, taxon_features
 
 TAXON_COLUMNS = make_column_selector(pattern=schema.TAXON_PATTERN.pattern)
 CLINICAL_COLUMNS = make_column_selector(pattern=r"^(?!\s*(?:[dkpcofgst]|D_\d)__)")
@@ -60,7 +60,8 @@ def model_input(clinical: pd.DataFrame, counts: pd.DataFrame) -> pd.DataFrame:
 
 
 class TaxonomyAligner(TransformerMixin, BaseEstimator):
-    """Aggregate taxon columns to one rank and align them to the training vocabulary.
+    """Aggregate taxon columns to one rank (or to genus and species side by side, `both`)
+    and align them to the training vocabulary.
 
     Taxa the model never saw cannot be scored; they are left out of the output and reported
     by `unknown_taxa`, never dropped silently. Taxa of the vocabulary that a sample lacks
@@ -71,16 +72,17 @@ class TaxonomyAligner(TransformerMixin, BaseEstimator):
         self.rank = rank
 
     def fit(self, X: pd.DataFrame, y: object = None) -> TaxonomyAligner:
-        if self.rank not in RANKS:
-            raise ValueError(f"rank must be one of {RANKS}, got {self.rank!r}")
+        if self.rank not in FEATURE_RANKS:
+            raise ValueError(f"rank must be one of {FEATURE_RANKS}, got {self.rank!r}")
         self.feature_names_in_ = np.asarray(X.columns, dtype=object)
         self.n_features_in_ = X.shape[1]
         self.clinical_columns_ = [c for c in X.columns if not schema.is_taxon(c)]
         taxa = [c for c in X.columns if schema.is_taxon(c)]
-        reads = pd.DataFrame({"key": [taxon_key(c, self.rank) for c in taxa],
-                              "name": [lineage_at_rank(c, self.rank) for c in taxa],
-                              "reads": X[taxa].sum(axis=0).to_numpy(dtype=float)})
-        reads = reads[(reads["key"] != "") & (reads["reads"] > 0)]
+        totals = X[taxa].sum(axis=0).to_numpy(dtype=float)
+        reads = pd.DataFrame([(key, name, total) for taxon, total in zip(taxa, totals, strict=True)
+                              for key, name in taxon_features(taxon, self.rank)],
+                             columns=["key", "name", "reads"])
+        reads = reads[reads["reads"] > 0]
         if reads.empty:
             raise ValueError("no taxon with any reads: the feature table is empty")
         # One feature per key, named by the lineage that carried most of its reads.
@@ -91,11 +93,13 @@ class TaxonomyAligner(TransformerMixin, BaseEstimator):
         return self
 
     def _aggregate(self, X: pd.DataFrame) -> pd.DataFrame:
-        """Reads summed per taxon key, columns named by the fitted vocabulary where known."""
+        """Reads summed per taxon key (a read counts once per rank of `rank`)."""
         taxa = [c for c in X.columns if schema.is_taxon(c)]
-        keys = [taxon_key(c, self.rank) for c in taxa]
-        values = X[taxa].to_numpy(dtype=float)
-        codes, uniques = pd.factorize(pd.Index(keys))
+        pairs = [(j, key) for j, taxon in enumerate(taxa)
+                 for key, _ in taxon_features(taxon, self.rank)]
+        columns = np.array([j for j, _ in pairs], dtype=int)
+        codes, uniques = pd.factorize(pd.Index([key for _, key in pairs]))
+        values = X[taxa].to_numpy(dtype=float)[:, columns]
         summed = np.zeros((len(X), len(uniques)))
         np.add.at(summed.T, codes, values.T)
         return pd.DataFrame(summed, index=X.index, columns=uniques)
@@ -109,6 +113,10 @@ class TaxonomyAligner(TransformerMixin, BaseEstimator):
                 .set_axis(list(self.keys_.values()), axis=1)[self.vocabulary_])
         return pd.concat([X[self.clinical_columns_], taxa], axis=1)
 
+    def known(self, taxon: str) -> bool:
+        """Whether any of a taxon's reads land on a model feature."""
+        return any(key in self.keys_ for key, _ in taxon_features(taxon, self.rank))
+
     def unknown_taxa(self, counts: Mapping[str, float]) -> dict[str, float]:
         """Taxa of one profile the model never saw (at its rank), with their share of reads.
 
@@ -119,19 +127,20 @@ class TaxonomyAligner(TransformerMixin, BaseEstimator):
         total = sum(counts.values())
         if total <= 0:
             return {}
+        finest = levels(self.rank)[-1]
         shares: dict[str, float] = {}
         for taxon, reads in counts.items():
-            if reads > 0 and taxon_key(taxon, self.rank) not in self.keys_:
-                name = lineage_at_rank(taxon, self.rank) or taxon
+            if reads > 0 and not self.known(taxon):
+                name = lineage_at_rank(taxon, finest) or taxon
                 shares[name] = shares.get(name, 0.0) + reads / total
         return shares
 
     def matched_share(self, X: pd.DataFrame) -> pd.Series:
         """Share of each sample's reads that land on a model feature (1.0: all matched)."""
         check_is_fitted(self, "vocabulary_")
-        summed = self._aggregate(X)
-        total = summed.sum(axis=1)
-        known = summed.reindex(columns=list(self.keys_), fill_value=0.0).sum(axis=1)
+        taxa = [c for c in X.columns if schema.is_taxon(c)]
+        total = X[taxa].sum(axis=1)
+        known = X[[c for c in taxa if self.known(c)]].sum(axis=1)
         return (known / total.where(total > 0)).rename("taxa_matched")
 
     def get_feature_names_out(self, input_features: object = None) -> np.ndarray:
@@ -148,7 +157,8 @@ class Closure(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
 
     def transform(self, X: pd.DataFrame | np.ndarray) -> np.ndarray:
         check_is_fitted(self)
-        return _proportions(_nonnegative(validate_data(self, X, reset=False, dtype=float)))
+        values = validate_data(self, X, reset=False, dtype=float)
+        return relative_abundances(_nonnegative(values))
 
 
 class PrevalenceFilter(SelectorMixin, BaseEstimator):
@@ -217,8 +227,8 @@ class AlphaDiversity(TransformerMixin, BaseEstimator):
 
     def transform(self, X: pd.DataFrame | np.ndarray) -> np.ndarray:
         check_is_fitted(self)
-        proportions = _proportions(_nonnegative(validate_data(self, X, reset=False,
-                                                              dtype=float)))
+        values = validate_data(self, X, reset=False, dtype=float)
+        proportions = relative_abundances(_nonnegative(values))
         shannon = entropy(proportions, axis=1)
         shannon[proportions.sum(axis=1) == 0] = np.nan  # no reads: diversity undefined
         observed = (proportions >= self.detection).sum(axis=1).astype(float)
@@ -286,8 +296,9 @@ class ClinicalEncoder(TransformerMixin, BaseEstimator):
         return self.feature_names_out_
 
 
-def _proportions(values: np.ndarray) -> np.ndarray:
-    """Closure per row; a row without reads stays all zero rather than NaN."""
+def relative_abundances(values: np.ndarray) -> np.ndarray:
+    """Closure per row; a row without reads stays all zero rather than NaN (shared with the
+    service's compiled path)."""
     totals = values.sum(axis=1, keepdims=True)
     return np.divide(values, totals, out=np.zeros_like(values), where=totals > 0)
 
@@ -298,24 +309,40 @@ def _nonnegative(values: np.ndarray) -> np.ndarray:
     return values
 
 
+def _rank_columns(level: str, finer: bool) -> make_column_selector:
+    """The aligned taxon columns named at `level` (`finer`), or at it or above (not finer)."""
+    named = rf"(?:^|;){RANK_PREFIXES_OUT[level]}__[^;]*$"
+    return make_column_selector(pattern=named if finer else
+                                rf"^(?!.*{named})" + schema.TAXON_PATTERN.pattern.lstrip("^"))
+
+
 def feature_steps(
     rank: str = "genus",
     min_prevalence: float = 0.1,
     min_abundance: float = 1e-4,
     pseudocount: float = 1e-5,
 ) -> list[tuple[str, TransformerMixin]]:
-    """The preprocessing shared by every candidate model, as Pipeline steps."""
-    taxa = Pipeline(
-        [
+    """The preprocessing shared by every candidate model, as Pipeline steps.
+
+    Each taxonomic rank of `rank` is its own composition (`taxa`, then `taxa_species` for
+    `both`): closed, filtered and CLR-transformed on its own, since a genus and its species
+    are the same reads twice. Diversity comes from the coarsest rank.
+    """
+    def taxa() -> Pipeline:
+        return Pipeline([
             ("closure", Closure()),
             ("filter", PrevalenceFilter(min_prevalence, min_abundance)),
             ("clr", CLR(pseudocount)),
-        ]
-    )
+        ])
+
+    ranks = levels(rank)
+    coarsest = TAXON_COLUMNS if len(ranks) == 1 else _rank_columns(ranks[1], finer=False)
+    blocks = [("taxa", taxa(), coarsest)] + [
+        (f"taxa_{level}", taxa(), _rank_columns(level, finer=True)) for level in ranks[1:]]
     features = ColumnTransformer(
         [
-            ("taxa", taxa, TAXON_COLUMNS),
-            ("diversity", AlphaDiversity(), TAXON_COLUMNS),
+            *blocks,
+            ("diversity", AlphaDiversity(), coarsest),
             ("clinical", ClinicalEncoder(), CLINICAL_COLUMNS),
         ],
         verbose_feature_names_out=False,

@@ -33,9 +33,12 @@ from training.structure import BlockWeights, LinearDesign, PenalisedLogistic, in
 FEATURE_SETS: tuple[str, ...] = ("clinical", "microbiome", "combined")
 PRESETS: tuple[str, ...] = ("fast", "thorough")
 FEATURE_STEPS = 2  # align + features: label-free, fitted once per training set
-# Taxonomic ranks the inner CV chooses among by default: species helps on real shotgun data
-# (docs/benchmarks.md); `ModelSearch(ranks=...)` and `itp-train train --rank` narrow it.
-DEFAULT_RANKS: tuple[str, ...] = ("genus", "species")
+# Taxonomic ranks the inner CV chooses among, per preset: species helps on real shotgun data;
+# genus and species side by side (`both`) scored about the same on MetAML and the simulator
+# at a third more search time (docs/benchmarks.md), so only `thorough` adds it.
+# `ModelSearch(ranks=...)` and `itp-train train --rank` override it.
+PRESET_RANKS: dict[str, tuple[str, ...]] = {"fast": ("genus", "species"),
+                                            "thorough": ("genus", "species", "both")}
 
 
 @dataclass(frozen=True)

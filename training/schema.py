@@ -126,6 +126,8 @@ FIELDS_BY_NAME: dict[str, Field] = {f.name: f for f in CLINICAL_FIELDS + OUTCOME
 # p__Firmicutes;...`), SILVA 132 (`D_0__Bacteria;D_1__Firmicutes;...`) or MetaPhlAn
 # (`k__Bacteria|p__Firmicutes|...`); training.taxonomy harmonises their spellings.
 RANKS: tuple[str, ...] = ("domain", "phylum", "class", "order", "family", "genus", "species")
+# Feature tables hold one rank, or several side by side (training.taxonomy.RANK_SETS).
+FEATURE_RANKS: tuple[str, ...] = (*RANKS, "both")
 RANK_PREFIXES: dict[str, str] = {
     "d": "domain", "k": "domain", "p": "phylum", "c": "class", "o": "order",
     "f": "family", "g": "genus", "s": "species", "t": "strain",

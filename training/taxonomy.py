@@ -129,3 +129,29 @@ def taxon_key(taxon: str, rank: str = "genus") -> str:
 
 
 RANK_PREFIXES_OUT: dict[str, str] = {rank: rank[0] for rank in RANKS}
+# Feature ranks that stand for several taxonomic ranks side by side, coarsest first: a
+# species-level profile carries both the genus signal (pooled over species, robust to their
+# naming) and the species one (strain-level biology a genus sum averages away).
+RANK_SETS: dict[str, tuple[str, ...]] = {"both": ("genus", "species")}
+
+
+def levels(rank: str) -> tuple[str, ...]:
+    """The taxonomic ranks a feature rank holds, coarsest first."""
+    return RANK_SETS.get(rank, (rank,))
+
+
+@lru_cache(maxsize=4096)  # bounded: the service parses lineages clients send
+def taxon_features(taxon: str, rank: str = "genus") -> tuple[tuple[str, str], ...]:
+    """(key, readable lineage) of every feature one taxon's reads count towards at `rank`.
+
+    One rank: its `taxon_key`. Several (`both`): its key at the coarsest rank, plus its key
+    at each finer rank it is named at, so a species' reads count for its genus and for
+    itself, and a read unnamed at species for its genus only (never twice for one genus).
+    """
+    ranks = levels(rank)
+    features = []
+    for depth, level in enumerate(ranks):
+        key = taxon_key(taxon, level)
+        if key and (depth == 0 or key.startswith(f"{RANK_PREFIXES_OUT[level]}__")):
+            features.append((key, lineage_at_rank(taxon, level)))
+    return tuple(features)

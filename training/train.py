@@ -77,7 +77,7 @@ class TrainConfig:
     families: tuple[str, ...] | None = None  # None: the preset's
     min_reads: int = 1000
     features: FeatureConfig = field(default_factory=FeatureConfig)
-    ranks: tuple[str, ...] | None = None  # None: model.DEFAULT_RANKS, chosen in inner CV
+    ranks: tuple[str, ...] | None = None  # None: the preset's (model.PRESET_RANKS)
     cv: CVConfig = field(default_factory=CVConfig)
     inner_splits: int | None = None  # None: the preset's
     permutations: int | None = None  # None: the preset's

@@ -25,9 +25,9 @@ from sklearn.utils.validation import check_is_fitted
 
 from training.folds import TreatmentStratifiedGroupKFold
 from training.model import (
-    DEFAULT_RANKS,
     FAMILIES,
     FEATURE_STEPS,
+    PRESET_RANKS,
     FeatureConfig,
     feature_set,
     stacked_forest,
@@ -221,7 +221,10 @@ class ModelSearch(ClassifierMixin, BaseEstimator):
         rows, columns = [], {}
         for rank in self._ranks():
             features = first[:FEATURE_STEPS].set_params(align__rank=rank).fit_transform(X, y)
-            columns[rank] = [str(c) for c in features.columns]
+            names = [str(c) for c in features.columns]
+            if names in columns.values():  # e.g. species on a genus-level table: no new choice
+                continue
+            columns[rank] = names
             rows += [{**row, "rank": rank, "params": {"align__rank": rank, **row["params"]}}
                      for family in self.families
                      for row in self._search(family, features, y, groups)]
@@ -245,8 +248,8 @@ class ModelSearch(ClassifierMixin, BaseEstimator):
                               self.seed).set_params(align__rank=rank)
 
     def _ranks(self) -> tuple[str, ...]:
-        """Taxonomic ranks the inner CV chooses among: `ranks`, else DEFAULT_RANKS."""
-        return tuple(self.ranks) if self.ranks else DEFAULT_RANKS
+        """Taxonomic ranks the inner CV chooses among: `ranks`, else the preset's."""
+        return tuple(self.ranks) if self.ranks else PRESET_RANKS[self.preset]
 
     def _search(self, family: str, features: pd.DataFrame, y: np.ndarray,
                 groups: np.ndarray) -> list[dict[str, Any]]:
