@@ -309,11 +309,11 @@ def _nonnegative(values: np.ndarray) -> np.ndarray:
     return values
 
 
-def _rank_columns(level: str, finer: bool) -> make_column_selector:
-    """The aligned taxon columns named at `level` (`finer`), or at it or above (not finer)."""
-    named = rf"(?:^|;){RANK_PREFIXES_OUT[level]}__[^;]*$"
-    return make_column_selector(pattern=named if finer else
-                                rf"^(?!.*{named})" + schema.TAXON_PATTERN.pattern.lstrip("^"))
+def _deepest_rank(level: str, named: bool = True) -> make_column_selector:
+    """Aligned taxon columns whose deepest rank is `level` (or, `named=False`, is not)."""
+    at_level = rf"(?:^|;){RANK_PREFIXES_OUT[level]}__[^;]*$"
+    return make_column_selector(pattern=at_level if named else
+                                rf"^(?!.*{at_level}){schema.TAXON_PATTERN.pattern[1:]}")
 
 
 def feature_steps(
@@ -336,9 +336,9 @@ def feature_steps(
         ])
 
     ranks = levels(rank)
-    coarsest = TAXON_COLUMNS if len(ranks) == 1 else _rank_columns(ranks[1], finer=False)
+    coarsest = TAXON_COLUMNS if len(ranks) == 1 else _deepest_rank(ranks[1], named=False)
     blocks = [("taxa", taxa(), coarsest)] + [
-        (f"taxa_{level}", taxa(), _rank_columns(level, finer=True)) for level in ranks[1:]]
+        (f"taxa_{level}", taxa(), _deepest_rank(level)) for level in ranks[1:]]
     features = ColumnTransformer(
         [
             *blocks,
