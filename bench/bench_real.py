@@ -69,7 +69,8 @@ def baselines(seed: int) -> dict[str, object]:
     inner = StratifiedGroupKFold(5, shuffle=True, random_state=seed)
     siamcat = GridSearchCV(
         make_pipeline(FunctionTransformer(lambda x: np.log10(x / 100 + 1e-5)), StandardScaler(),
-                      LogisticRegression(l1_ratio=1.0, solver="liblinear", max_iter=5000)),
+                      LogisticRegression(l1_ratio=1.0, solver="liblinear", max_iter=5000,
+                                         random_state=seed)),
         {"logisticregression__C": list(np.geomspace(0.01, 10, 9))}, scoring="roc_auc", cv=inner)
     return {"RF-500": RandomForestClassifier(500, max_features="sqrt", n_jobs=2,
                                              random_state=seed),
