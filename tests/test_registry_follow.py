@@ -34,10 +34,11 @@ pytestmark = pytest.mark.e2e
 SECRET = "registry-webhook-secret-" + "0" * 16  # ITP_WEBHOOK_SECRET: 32 characters or more
 ALIAS_URI = f"models:/{MODEL}@champion"
 # small and quick: the point is the registry, not the model (tests/conftest.py trains the
-# demo-sized one)
+# demo-sized one). One rank, `both`, so genus and species side by side also go the whole way
+# from the CLI through the registry to the golden check and answers over HTTP.
 TRAIN = ("train", "--data", "data/cohort", "--experiment", MODEL, "--register", MODEL,
          "--preset", "fast", "--splits", "3", "--inner-splits", "2", "--permutations", "0",
-         "--bootstrap", "100", "--rank", "genus", "--jobs", "2")
+         "--bootstrap", "100", "--rank", "both", "--jobs", "2")
 
 
 @dataclass
@@ -204,6 +205,10 @@ def test_services_follow_the_alias_under_load_by_polling_and_by_webhook(
         assert info["follow"]["poll_seconds"] is None and info["follow"]["webhook"]
         assert info["checks"] == {"compatible": "passed", "golden": "passed",
                                   "additive": "passed"}
+        vocabulary = info["feature_schema"]["taxa_vocabulary"]
+        assert info["feature_schema"]["rank"] == "both"
+        assert any(";s__" in t for t in vocabulary) and any(";g__" in t.rsplit(";", 1)[-1]
+                                                           for t in vocabulary)
 
         known = set(httpx.get(f"{polling.url}/v1/model", timeout=5).json()[
             "feature_schema"]["treatments"])
