@@ -46,6 +46,8 @@ def main() -> None:
     for variable in THREAD_VARIABLES:
         os.environ.setdefault(variable, str(threads))
 
+    # No usage reports leave a machine that holds patient data unless asked for (Dockerfile)
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # each worker writes its metrics here; /metrics adds them up (service/metrics.py)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="itp-metrics-")

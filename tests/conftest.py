@@ -18,6 +18,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+# MLflow's telemetry thread sets and unsets an environment variable while others read the
+# environment (httpx's proxy lookup raised KeyError mid-iteration); the CLIs turn it off too,
+# and so do the tests, in-process clients and the `mlflow server`s they start included.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
 BIN = Path(sys.executable).parent
 MODEL = "itp-response"
 E2E_PATIENTS = 400

@@ -41,6 +41,9 @@ def main(verbose: bool) -> None:
     """Train and register models of ITP treatment response (microbiome + clinical data)."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # No usage reports leave a machine that holds patient data unless asked for; the image
+    # sets the same (Dockerfile)
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
