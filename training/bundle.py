@@ -177,7 +177,8 @@ def load_directory(
     if not isinstance(model, ResponseModel):
         raise ModelIntegrityError(f"{source}: not a ResponseModel ({type(model).__name__}); "
                                   f"retrain it with this version of itp-train")
-    mlmodel = yaml.safe_load(files["MLmodel"])  # MLflow's own format
+    # MLflow's own format; libyaml's parser where present (the golden patients make it large)
+    mlmodel = yaml.load(files["MLmodel"], Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     return StoredModel(
         model=model,
         name=name,
