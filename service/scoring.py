@@ -68,19 +68,19 @@ class CompiledModel:
                                             for key, name in aligner.keys_.items()}
         self.n_taxa = len(aligner.vocabulary_)
         features = steps["features"]
-        # One composition per rank (training.features.feature_steps): its vocabulary columns
-        # and the filter's kept columns within them.
+        # One composition per rank (training.features.feature_steps): its vocabulary columns,
+        # the filter's kept columns within them, and the CLR's pseudocount.
         columns = {name: np.array([position[str(c)] for c in selected], dtype=int)
                    for name, _, selected in features.transformers_ if name != "clinical"}
-        self.compositions: list[tuple[np.ndarray, np.ndarray]] = []
+        self.compositions: list[tuple[np.ndarray, np.ndarray, float]] = []
         layout: list[str] = []
         vocabulary = np.asarray(aligner.vocabulary_, dtype=object)
         for name, transformer in features.named_transformers_.items():
             if name.startswith("taxa") and len(columns[name]):  # an empty one is not fitted
                 kept = np.flatnonzero(transformer.named_steps["filter"].support_)
-                self.compositions.append((columns[name], kept))
+                pseudocount = float(transformer.named_steps["clr"].pseudocount)
+                self.compositions.append((columns[name], kept, pseudocount))
                 layout += list(vocabulary[columns[name][kept]])
-        self.pseudocount = float(features.named_transformers_["taxa"]["clr"].pseudocount)
         self.diversity_columns = columns["diversity"]
         self.detection = float(features.named_transformers_["diversity"].detection)
         encoder = features.named_transformers_["clinical"]
@@ -162,8 +162,8 @@ class CompiledModel:
         """The named input features (after the blocks): CLR of kept taxa per rank,
         diversity, clinical encoding, in the pipeline's order."""
         clrs = []
-        for columns, kept in self.compositions:
-            logs = np.log(relative_abundances(reads[:, columns])[:, kept] + self.pseudocount)
+        for columns, kept, pseudocount in self.compositions:
+            logs = np.log(relative_abundances(reads[:, columns])[:, kept] + pseudocount)
             clrs.append(logs - logs.mean(axis=1, keepdims=True))
         proportions = relative_abundances(reads[:, self.diversity_columns])
         with np.errstate(divide="ignore", invalid="ignore"):
