@@ -2,8 +2,9 @@
 
 A request is a few patients; scikit-learn and pandas spend far longer checking and
 aligning frames than the arithmetic takes. `CompiledModel` reads the fitted parameters of
-every step once (the taxon-key -> column map, the prevalence filter's support, the CLR
-pseudocount, the clinical encoding, the blocks, the linear design's medians, centres,
+every step once (the taxon-key -> column map, where a species read can feed its genus
+column too; per rank, the prevalence filter's support and the CLR pseudocount; the clinical
+encoding, the blocks, the linear design's medians, centres,
 interactions, scaler and weights, or the XGBoost booster) and scores with numpy alone: the
 linear family's log-odds and its exact SHAP values (coefficient x standardised value, the
 LinearExplainer's against the all-zero background) are one matrix product each; XGBoost's
