@@ -210,6 +210,24 @@ def test_search_chooses_among_ranks_that_give_different_features() -> None:
     assert search.model_.pipeline_.named_steps["align"].rank == search.best_["rank"]
 
 
+def test_a_searched_rank_sets_the_pipeline_structure_not_only_the_aligner() -> None:
+    """`both` chosen by the search (not by FeatureConfig) serves, and stacks, genus and
+    species as two compositions: each closed and CLR-transformed on its own."""
+    X, y, groups = cohort(60, seed=9)
+    X = X.rename(columns=lambda c: f"{c};s__{c.rsplit('__', 1)[1]}_{len(c) % 2}"
+                 if is_taxon(c) and c.endswith(("1", "3", "5")) else c)
+    search = ModelSearch(seed=5, ranks=("both",), features=FeatureConfig(rank="genus")).fit(
+        X, y, groups)
+    members = [m for m, _ in search.model_.members()] + [
+        search.refit_best(X, y, features="microbiome")]
+    for pipeline in members:
+        features = pipeline[:2].transform(X)
+        species = [c for c in features.columns if ";s__" in c]
+        assert species and "taxa_species" in pipeline.named_steps[
+            "features"].named_transformers_
+        np.testing.assert_allclose(features[species].sum(axis=1), 0.0, atol=1e-9)
+
+
 def test_recalibration_never_inverts_a_ranking_and_flags_a_flat_model() -> None:
     """Predictions that rank backwards out of fold collapse to the base rate (slope 0,
     flagged), never to an inverted model; honest predictions keep a positive slope."""

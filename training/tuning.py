@@ -11,6 +11,7 @@ them. That `ResponseModel` is what gets registered and served.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -207,8 +208,13 @@ class ModelSearch(ClassifierMixin, BaseEstimator):
         return TreatmentStratifiedGroupKFold(self.inner_splits, shuffle=True,
                                              random_state=self.seed)
 
-    def _pipeline(self, family: str) -> Pipeline:
-        return FAMILIES[family].build(self.features or FeatureConfig(), self.seed)
+    def _config(self, rank: str) -> FeatureConfig:
+        """The preprocessing at one rank: the rank sets the pipeline's structure (one
+        composition per taxonomic rank it holds), not only the aligner's parameter."""
+        return replace(self.features or FeatureConfig(), rank=rank)
+
+    def _pipeline(self, family: str, rank: str) -> Pipeline:
+        return FAMILIES[family].build(self._config(rank), self.seed)
 
     def fit(self, X: pd.DataFrame, y: np.ndarray, groups: np.ndarray | None = None
             ) -> ModelSearch:
@@ -217,14 +223,13 @@ class ModelSearch(ClassifierMixin, BaseEstimator):
             raise ValueError(f"unknown model family {unknown}; choose from {sorted(FAMILIES)}")
         y = np.asarray(y)
         groups = np.arange(len(y)) if groups is None else np.asarray(groups)
-        first = self._pipeline(self.families[0])
-        rows, columns = [], {}
+        rows, columns, tables = [], {}, []
         for rank in self._ranks():
-            features = first[:FEATURE_STEPS].set_params(align__rank=rank).fit_transform(X, y)
-            names = [str(c) for c in features.columns]
-            if names in columns.values():  # e.g. species on a genus-level table: no new choice
-                continue
-            columns[rank] = names
+            features = self._pipeline(self.families[0], rank)[:FEATURE_STEPS].fit_transform(X, y)
+            if any(features.equals(table) for table in tables):
+                continue  # e.g. species on a genus-level table: no new choice
+            tables.append(features)
+            columns[rank] = [str(c) for c in features.columns]
             rows += [{**row, "rank": rank, "params": {"align__rank": rank, **row["params"]}}
                      for family in self.families
                      for row in self._search(family, features, y, groups)]
@@ -244,8 +249,7 @@ class ModelSearch(ClassifierMixin, BaseEstimator):
             return None
         rank, blocks = str(best["rank"]), str(best["feature_set"])
         n_features = sum(in_block(c, blocks) for c in columns[rank])
-        return stacked_forest(self.features or FeatureConfig(), blocks, n_features,
-                              self.seed).set_params(align__rank=rank)
+        return stacked_forest(self._config(rank), blocks, n_features, self.seed)
 
     def _ranks(self) -> tuple[str, ...]:
         """Taxonomic ranks the inner CV chooses among: `ranks`, else the preset's."""
@@ -307,7 +311,7 @@ class ModelSearch(ClassifierMixin, BaseEstimator):
         return close.loc[min(close.index, key=lambda i: close.at[i, "complexity"])]
 
     def _configured(self, row: pd.Series) -> Pipeline:
-        return self._pipeline(str(row["family"])).set_params(**row["params"])
+        return self._pipeline(str(row["family"]), str(row["rank"])).set_params(**row["params"])
 
     def refit_best(self, X: pd.DataFrame, y: np.ndarray, family: str | None = None,
                    features: str | None = None) -> Pipeline | None:
