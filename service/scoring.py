@@ -64,6 +64,7 @@ class CompiledModel:
         self.shift = float(model.intercept_)
         aligner = steps["align"]
         self.rank: str = aligner.rank
+        self.finest = levels(self.rank)[-1]  # unknown taxa are named at it
         position = {name: i for i, name in enumerate(aligner.vocabulary_)}
         self.taxon_index: dict[str, int] = {key: position[name]
                                             for key, name in aligner.keys_.items()}
@@ -109,7 +110,6 @@ class CompiledModel:
         unknown taxa's shares."""
         reads = np.zeros((len(profiles), self.n_taxa))
         totals, matched = np.zeros(len(profiles)), np.zeros(len(profiles))
-        finest = levels(self.rank)[-1]
         unknown: list[dict[str, float]] = []
         for i, counts in enumerate(profiles):
             total = math.fsum(counts.values())
@@ -125,7 +125,7 @@ class CompiledModel:
                 if known:
                     matched[i] += value
                 elif value > 0 and total > 0:
-                    name = lineage_at_rank(taxon, finest) or taxon
+                    name = lineage_at_rank(taxon, self.finest) or taxon
                     missing[name] = missing.get(name, 0.0) + value / total
             unknown.append(missing)
         return reads, totals, matched, unknown

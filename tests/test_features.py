@@ -80,16 +80,25 @@ def _aligner_frame(taxa: dict[str, list[float]], n: int = 3) -> pd.DataFrame:
     return pd.DataFrame({**clinical, **taxa}, index=sample_index(n))
 
 
-def test_aligner_sums_species_into_genus() -> None:
-    """Several species rows (any spelling) and a genus-level row add up exactly."""
-    X = _aligner_frame({
+FRAGILIS = f"{BACTEROIDES_G};s__Bacteroides_fragilis"
+OVATUS = f"{BACTEROIDES_G};s__Bacteroides_ovatus"
+
+
+def _species_and_genus_rows() -> pd.DataFrame:
+    """Two species of one genus (one in MetaPhlAn's spelling), reads of that genus not
+    named at species, and another genus."""
+    return _aligner_frame({
         "k__Bacteria|p__Bacteroidota|c__Bacteroidia|o__Bacteroidales|f__Bacteroidaceae|"
         "g__Bacteroides|s__Bacteroides_fragilis": [1.0, 2.0, 0.0],
-        f"{BACTEROIDES_G};s__Bacteroides_ovatus": [10.0, 0.0, 3.0],
+        OVATUS: [10.0, 0.0, 3.0],
         BACTEROIDES_G: [100.0, 7.0, 0.0],
         FAECALI: [5.0, 0.0, 9.0],
     })
-    out = TaxonomyAligner().fit_transform(X)
+
+
+def test_aligner_sums_species_into_genus() -> None:
+    """Several species rows (any spelling) and a genus-level row add up exactly."""
+    out = TaxonomyAligner().fit_transform(_species_and_genus_rows())
     assert list(out.columns) == ["treatment", "baseline_platelets", BACTEROIDES_G, FAECALI]
     assert out[BACTEROIDES_G].tolist() == [111.0, 9.0, 3.0]
     assert out[FAECALI].tolist() == [5.0, 0.0, 9.0]
@@ -98,22 +107,14 @@ def test_aligner_sums_species_into_genus() -> None:
 def test_both_ranks_count_a_species_for_its_genus_and_itself() -> None:
     """`both`: genus columns hold every read of the genus (species and genus-level rows), and
     species columns only reads named at species, so no genus is counted twice."""
-    fragilis = f"{BACTEROIDES_G};s__Bacteroides_fragilis"
-    X = _aligner_frame({
-        "k__Bacteria|p__Bacteroidota|c__Bacteroidia|o__Bacteroidales|f__Bacteroidaceae|"
-        "g__Bacteroides|s__Bacteroides_fragilis": [1.0, 2.0, 0.0],
-        f"{BACTEROIDES_G};s__Bacteroides_ovatus": [10.0, 0.0, 0.0],
-        BACTEROIDES_G: [100.0, 7.0, 0.0],
-        FAECALI: [5.0, 0.0, 9.0],
-    })
+    X = _species_and_genus_rows()
     aligner = TaxonomyAligner(rank="both").fit(X)
     out = aligner.transform(X)
-    ovatus = f"{BACTEROIDES_G};s__Bacteroides_ovatus"
-    assert list(out.columns) == ["treatment", "baseline_platelets", BACTEROIDES_G, fragilis,
-                                 ovatus, FAECALI]
-    assert out[BACTEROIDES_G].tolist() == [111.0, 9.0, 0.0]
-    assert out[fragilis].tolist() == [1.0, 2.0, 0.0]
-    assert out[ovatus].tolist() == [10.0, 0.0, 0.0]
+    assert list(out.columns) == ["treatment", "baseline_platelets", BACTEROIDES_G, FRAGILIS,
+                                 OVATUS, FAECALI]
+    assert out[BACTEROIDES_G].tolist() == [111.0, 9.0, 3.0]
+    assert out[FRAGILIS].tolist() == [1.0, 2.0, 0.0]
+    assert out[OVATUS].tolist() == [10.0, 0.0, 3.0]
     assert aligner.matched_share(X).tolist() == [1.0, 1.0, 1.0]  # each read once, not twice
     novel = f"{BACTEROIDES_G};s__Bacteroides_novus"  # a new species of a known genus
     assert aligner.unknown_taxa({novel: 5.0, FAECALI: 5.0}) == {}

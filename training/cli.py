@@ -202,7 +202,7 @@ def train(
         else None,
         min_reads=min_reads,
         ranks=ranks or None,
-        features=FeatureConfig(rank=ranks[0] if ranks else "genus", min_prevalence=min_prevalence,
+        features=FeatureConfig(min_prevalence=min_prevalence,  # the rank: one per search
                                missing_indicators=missing_indicators),
         cv=CVConfig(n_splits=splits,
                     n_repeats=repeats or PRESET_SETTINGS[preset]["n_repeats"],

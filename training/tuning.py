@@ -223,13 +223,12 @@ class ModelSearch(ClassifierMixin, BaseEstimator):
             raise ValueError(f"unknown model family {unknown}; choose from {sorted(FAMILIES)}")
         y = np.asarray(y)
         groups = np.arange(len(y)) if groups is None else np.asarray(groups)
-        rows, columns, tables = [], {}, []
+        rows, tables = [], {}
         for rank in self._ranks():
             features = self._pipeline(self.families[0], rank)[:FEATURE_STEPS].fit_transform(X, y)
-            if any(features.equals(table) for table in tables):
+            if any(features.equals(table) for table in tables.values()):
                 continue  # e.g. species on a genus-level table: no new choice
-            tables.append(features)
-            columns[rank] = [str(c) for c in features.columns]
+            tables[rank] = features
             rows += [{**row, "rank": rank, "params": {"align__rank": rank, **row["params"]}}
                      for family in self.families
                      for row in self._search(family, features, y, groups)]
@@ -237,18 +236,18 @@ class ModelSearch(ClassifierMixin, BaseEstimator):
         self.best_ = self.best_of()
         self.model_ = ResponseModel(self._configured(self.best_), seed=self.seed,
                                     threshold=self.threshold,
-                                    companion=self._companion(self.best_, columns)
+                                    companion=self._companion(self.best_, tables)
                                     ).fit(X, y, groups)
         self.classes_ = self.model_.classes_
         return self
 
-    def _companion(self, best: pd.Series, columns: dict[str, list[str]]) -> Pipeline | None:
+    def _companion(self, best: pd.Series, tables: dict[str, pd.DataFrame]) -> Pipeline | None:
         """The forest stacked with the chosen configuration (`stack`), on its rank and
         feature set."""
         if not self.stack:
             return None
         rank, blocks = str(best["rank"]), str(best["feature_set"])
-        n_features = sum(in_block(c, blocks) for c in columns[rank])
+        n_features = sum(in_block(str(c), blocks) for c in tables[rank].columns)
         return stacked_forest(self._config(rank), blocks, n_features, self.seed)
 
     def _ranks(self) -> tuple[str, ...]:
