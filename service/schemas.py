@@ -179,7 +179,9 @@ class Contribution(BaseModel):
                          "treatment indicator. A field's treatment interactions and "
                          "missing-value indicator are summed into the field.")
     label: str = Field(..., description="Readable name: the genus (or deepest rank) of a "
-                       "taxon, else the field name.", examples=["Bacteroides (genus)"])
+                       "taxon, a clinical field's clinical name, an indicator as "
+                       "'Treatment: IVIG'.",
+                       examples=["Bacteroides (genus)", "Thrombopoietin (TPO)"])
     unit: str | None = Field(None, description="Unit of `value`: CLR for taxa (log-ratio to "
                              "the sample's geometric mean; compositional, so a taxon's value "
                              "moves when others change), the clinical unit otherwise.")

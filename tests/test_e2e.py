@@ -229,6 +229,7 @@ def test_one_patient_shap_sums_exactly_to_the_log_odds(
     assert all(0 <= c["relative_abundance_pct"] <= 100 for c in taxa)
     assert sum(c["relative_abundance_pct"] for c in taxa) <= 100 + 1e-6
     assert by_feature["baseline_platelets"]["unit"] == "x10^9/L"
+    assert by_feature["baseline_platelets"]["label"] == "Baseline platelet count"
     assert by_feature["baseline_platelets"]["value"] == patients[0]["clinical"][
         "baseline_platelets"]
 

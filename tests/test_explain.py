@@ -162,6 +162,19 @@ def test_taxa_report_their_relative_abundance(
     assert display_name(taxon) == f"{taxon.rsplit('g__', 1)[1]} (genus)"
 
 
+def test_every_non_taxon_feature_has_a_clinical_name(fitted: dict[str, ResponseModel],
+                                                     data: tuple[pd.DataFrame, ...]) -> None:
+    """A clinician reads "Thrombopoietin (TPO)" and "Treatment: IVIG", not tpo_pg_ml and
+    treatment=ivig: a feature the encoder adds without a label fails here."""
+    names = [str(n) for n in ShapExplainer(fitted["stacked"]).input_names]
+    clinical = [n for n in names if not n.startswith("d__")]
+    assert {"tpo_pg_ml", "treatment=ivig", "sex=male", "bleeding_severity"} <= set(clinical)
+    assert not [n for n in clinical if display_name(n) == n]
+    assert display_name("tpo_pg_ml") == "Thrombopoietin (TPO)"
+    assert display_name("treatment=tpo_ra") == "Treatment: TPO receptor agonist"
+    assert display_name("phase=newly_diagnosed") == "ITP phase: newly diagnosed"
+
+
 def test_unsupported_estimator_raises_type_error(data: tuple[pd.DataFrame, ...]) -> None:
     """Only estimators with an exact explainer are accepted, never a silent approximation."""
     X, y, _ = data

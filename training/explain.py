@@ -152,11 +152,30 @@ def design_groups(pipeline: Pipeline) -> tuple[np.ndarray, np.ndarray]:
     return input_names, np.array([position[source_feature(str(n))] for n in design_names])
 
 
+# Encoded clinical columns that are not fields of their own (training.features.ClinicalEncoder)
+# and the diversity indices, as a clinician names them. The indices are computed at the
+# model's coarsest rank (genus, or species at rank species), whatever their feature names say.
+_DERIVED_LABELS: dict[str, str] = {
+    "bleeding_severity": "Bleeding severity",
+    "shannon_diversity": "Shannon diversity",
+    "observed_genera": "Richness (taxa observed)",
+}
+_INDICATOR_LABELS: dict[str, str] = {"treatment": "Treatment", "phase": "ITP phase",
+                                     "sex": "Sex"}
+
+
 def display_name(feature: str) -> str:
-    """A readable label: the deepest rank name of a lineage, or the clinical field's name."""
+    """A readable label: the deepest rank name of a lineage, a clinical field's clinical name
+    ("Thrombopoietin (TPO)"), an indicator as "Treatment: IVIG"; else the feature itself."""
     if schema.is_taxon(feature):
         last = feature.split(";")[-1]
         prefix, _, name = last.partition("__")
         rank = schema.RANK_PREFIXES.get(prefix, "taxon")
         return f"{name.replace('_', ' ')} ({rank})"
-    return feature
+    field, _, level = feature.partition("=")
+    if level and field in _INDICATOR_LABELS:
+        shown = schema.TREATMENT_LABELS.get(level, level) if field == schema.TREATMENT else level
+        return f"{_INDICATOR_LABELS[field]}: {shown.replace('_', ' ')}"
+    if feature in schema.CLINICAL_BY_NAME:
+        return schema.CLINICAL_BY_NAME[feature].label or feature
+    return _DERIVED_LABELS.get(feature, feature)

@@ -50,48 +50,62 @@ class Field:
     minimum: float | None = None
     maximum: float | None = None
     example: float | str | bool | None = None
+    label: str = ""  # how a clinician names it (explanations, plots); the name when empty
 
+
+# How a clinician names each treatment, for explanations and plots.
+TREATMENT_LABELS: dict[str, str] = {
+    "corticosteroid": "corticosteroids",
+    "ivig": "IVIG",
+    "tpo_ra": "TPO receptor agonist",
+    "rituximab": "rituximab",
+    "fostamatinib": "fostamatinib",
+    "splenectomy": "splenectomy",
+    "h_pylori_eradication": "H. pylori eradication",
+}
 
 # Model inputs besides treatment and microbiome. Only baseline_platelets is required.
 CLINICAL_FIELDS: tuple[Field, ...] = (
     Field("baseline_platelets", Kind.NUMBER, "Platelet count when the treatment starts.",
-          "x10^9/L", minimum=0, maximum=2000, example=18),
+          "x10^9/L", minimum=0, maximum=2000, example=18, label="Baseline platelet count"),
     Field("age_years", Kind.NUMBER, "Age at the start of treatment.", "years",
-          minimum=0, maximum=120, example=46),
-    Field("sex", Kind.CATEGORY, "Sex recorded at birth.", categories=SEXES, example="female"),
+          minimum=0, maximum=120, example=46, label="Age"),
+    Field("sex", Kind.CATEGORY, "Sex recorded at birth.", categories=SEXES, example="female",
+          label="Sex"),
     Field("months_since_diagnosis", Kind.NUMBER,
           "Time from ITP diagnosis to the start of treatment; sets the phase "
           "(newly diagnosed < 3, persistent 3-12, chronic > 12 months).", "months",
-          minimum=0, maximum=1200, example=1.5),
+          minimum=0, maximum=1200, example=1.5, label="Time since diagnosis"),
     Field("bleeding_score", Kind.TEXT,
           "Bleeding at the start of treatment on the scale given by bleeding_scale: "
           "WHO grade 0-4, Buchanan grade 0-5, or an ITP-BAT string such as 'S2M1O0'.",
-          example="1"),
+          example="1", label="Bleeding score"),
     Field("bleeding_scale", Kind.CATEGORY, "Scale of bleeding_score.",
-          categories=BLEEDING_SCALES, example="WHO"),
+          categories=BLEEDING_SCALES, example="WHO", label="Bleeding scale"),
     Field("prior_lines", Kind.NUMBER, "Number of earlier ITP treatment lines.", "count",
-          minimum=0, maximum=30, example=0),
-    Field("h_pylori", Kind.BOOLEAN, "Helicobacter pylori infection.", example=False),
+          minimum=0, maximum=30, example=0, label="Prior treatment lines"),
+    Field("h_pylori", Kind.BOOLEAN, "Helicobacter pylori infection.", example=False,
+          label="H. pylori infection"),
     Field("antibiotics_3m", Kind.BOOLEAN, "Antibiotics taken in the 3 months before sampling.",
-          example=False),
+          example=False, label="Antibiotics in the last 3 months"),
     Field("ipf_pct", Kind.NUMBER, "Immature platelet fraction.", "%", minimum=0, maximum=100,
-          example=9.5),
+          example=9.5, label="Immature platelet fraction (IPF)"),
     Field("tpo_pg_ml", Kind.NUMBER, "Endogenous thrombopoietin, plasma.", "pg/mL", minimum=0,
-          maximum=5000, example=55),
+          maximum=5000, example=55, label="Thrombopoietin (TPO)"),
     Field("anti_gpib", Kind.BOOLEAN, "Anti-GPIb-IX platelet autoantibodies detected.",
-          example=False),
+          example=False, label="Anti-GPIb-IX antibodies"),
     Field("treg_pct", Kind.NUMBER, "Regulatory T cells (CD4+CD25+FOXP3+) among CD4+ T cells.",
-          "%", minimum=0, maximum=100, example=5.2),
+          "%", minimum=0, maximum=100, example=5.2, label="Regulatory T cells"),
     Field("il10_pg_ml", Kind.NUMBER, "Interleukin-10, serum.", "pg/mL", minimum=0,
-          maximum=10000, example=6.1),
+          maximum=10000, example=6.1, label="IL-10"),
     Field("tgfb1_ng_ml", Kind.NUMBER, "TGF-beta1, serum.", "ng/mL", minimum=0, maximum=1000,
-          example=22.0),
+          example=22.0, label="TGF-β1"),
     Field("ifng_pg_ml", Kind.NUMBER, "Interferon-gamma, serum.", "pg/mL", minimum=0,
-          maximum=10000, example=9.0),
+          maximum=10000, example=9.0, label="IFN-γ"),
     Field("il17_pg_ml", Kind.NUMBER, "Interleukin-17A, serum.", "pg/mL", minimum=0,
-          maximum=10000, example=12.0),
+          maximum=10000, example=12.0, label="IL-17A"),
     Field("baff_pg_ml", Kind.NUMBER, "B-cell activating factor, serum.", "pg/mL", minimum=0,
-          maximum=100000, example=950.0),
+          maximum=100000, example=950.0, label="BAFF"),
 )
 
 # Outcome columns: the label is derived from these by outcomes.py (or given as `response`).
