@@ -7,8 +7,8 @@ column too; per rank, the prevalence filter's support and the CLR pseudocount; t
 encoding, the blocks, the linear design's medians, centres,
 interactions, scaler and weights, or the XGBoost booster) and scores with numpy alone: the
 linear family's log-odds and its exact SHAP values (coefficient x standardised value, the
-LinearExplainer's against the all-zero background) are one matrix product each; XGBoost's
-come from the booster's own `inplace_predict` and `pred_contribs` (exact TreeSHAP). Each
+LinearExplainer's against the all-zero background) come from one design matrix; XGBoost's
+from the booster's own margin and `pred_contribs` (exact TreeSHAP) on one DMatrix. Each
 fitted pipeline of the `ResponseModel` becomes a head (the chosen model and the forest
 stacked with it) sharing the features; the recalibration and stacking weights are applied to
 the heads' log-odds and SHAP values alike, so base + sum of contributions is the served
@@ -176,19 +176,19 @@ class CompiledModel:
 
     # --- features -> log-odds and SHAP -------------------------------------------------------
 
-    def log_odds(self, values: np.ndarray) -> np.ndarray:
-        """The served log-odds: recalibrated, and stacked over the heads."""
-        return self.shift + sum(weight * head.margin(values) for head, weight in self.heads)
-
     def score(self, patients: Sequence[PatientLike], explain: bool = True) -> Scored:
+        """Probabilities, recalibrated and stacked over the heads, and with `explain` their
+        exact SHAP values on the same scale, from one pass over each head."""
         reads, totals, matched, unknown = self._profiles([p.microbiome.counts
                                                           for p in patients])
         values = self.features(reads, self._clinical(patients))
         n = len(patients)
-        contributions, base = np.zeros((n, len(self.input_names))), self.shift
-        if explain:
-            for head, weight in self.heads:
-                design_shap, head_base = head.contributions(values)
+        log_odds, contributions = np.full(n, self.shift), np.zeros((n, len(self.input_names)))
+        base = self.shift
+        for head, weight in self.heads:
+            margin, design_shap, head_base = head.evaluate(values, explain)
+            log_odds += weight * margin
+            if design_shap is not None:
                 np.add.at(contributions.T, head.groups, weight * design_shap.T)
                 base += weight * head_base
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -200,8 +200,7 @@ class CompiledModel:
             shap_values=contributions, base_value=base,
             relative_abundance=shares)
         share = np.divide(matched, totals, out=np.zeros(n), where=totals > 0)
-        return Scored(explanation, expit(self.log_odds(values)), np.clip(share, 0.0, 1.0),
-                      unknown)
+        return Scored(explanation, expit(log_odds), np.clip(share, 0.0, 1.0), unknown)
 
 
 def _compilable(name: str) -> bool:
@@ -266,27 +265,31 @@ class LinearHead:
         design = np.hstack([base, *products, indicators])
         return (design - self.mean) / self.scaler_scale * self.weights
 
-    def margin(self, values: np.ndarray) -> np.ndarray:
-        """The pipeline's raw log-odds (before recalibration)."""
-        return self.design(values) @ self.coef + self.intercept
-
-    def contributions(self, values: np.ndarray) -> tuple[np.ndarray, float]:
-        """(design SHAP values, base value) in the pipeline's raw log-odds."""
-        return self.design(values) * self.coef, self.intercept
+    def evaluate(self, values: np.ndarray, explain: bool) -> tuple[np.ndarray,
+                                                                  np.ndarray | None, float]:
+        """(raw log-odds, design SHAP values or None, base value), the design built once."""
+        design = self.design(values)
+        return (design @ self.coef + self.intercept, design * self.coef if explain else None,
+                self.intercept)
 
 
 class TreeHead:
-    """An XGBoost booster: log-odds from `inplace_predict`, exact TreeSHAP from
-    `pred_contribs`."""
+    """An XGBoost booster: log-odds and exact TreeSHAP (`pred_contribs`) from one DMatrix;
+    log-odds alone from `inplace_predict`, which needs none."""
 
     def __init__(self, booster: xgb.Booster, groups: np.ndarray) -> None:
         self.booster, self.groups = booster, groups
 
-    def margin(self, values: np.ndarray) -> np.ndarray:
-        return np.asarray(self.booster.inplace_predict(values, predict_type="margin"),
-                          dtype=np.float64)
-
-    def contributions(self, values: np.ndarray) -> tuple[np.ndarray, float]:
-        contributions = self.booster.predict(xgb.DMatrix(values), pred_contribs=True)
-        contributions = np.asarray(contributions, dtype=np.float64)
-        return contributions[:, :-1], float(contributions[0, -1])
+    def evaluate(self, values: np.ndarray, explain: bool) -> tuple[np.ndarray,
+                                                                  np.ndarray | None, float]:
+        """(raw log-odds, SHAP values per feature or None, base value). The margin is
+        XGBoost's own prediction either way (bitwise what the pipeline serves), not the sum
+        of the float32 contributions."""
+        if not explain:
+            margin = self.booster.inplace_predict(values, predict_type="margin")
+            return np.asarray(margin, dtype=np.float64), None, 0.0
+        matrix = xgb.DMatrix(values, nthread=1)
+        margin = np.asarray(self.booster.predict(matrix, output_margin=True), dtype=np.float64)
+        contributions = np.asarray(self.booster.predict(matrix, pred_contribs=True),
+                                   dtype=np.float64)
+        return margin, contributions[:, :-1], float(contributions[0, -1])
