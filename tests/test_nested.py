@@ -10,9 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy.special import expit, logit
+from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import Pipeline
 
 from tests.helpers import cohort
+from training import evaluation
 from training import model as model_module
 from training import tuning as tuning_module
 from training.evaluation import (
@@ -141,6 +143,43 @@ def test_nothing_fitted_or_chosen_sees_the_outer_test_fold(spied: str) -> None:
     Spy.events.clear()
     ModelSearch(families=(spied,), inner_splits=3, seed=1).fit(X, y, groups)
     assert _violations(Spy.events, folds)
+
+
+def test_nothing_fitted_or_chosen_depends_on_the_outer_test_labels(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The spy test's other half: flip the labels of one outer fold's test patients, and
+    everything that fold's procedure chose and fitted (champion configuration, recalibration,
+    stacking weight, threshold, every region's refit, its predictions) stays bit for bit the
+    same. A selection that scored candidates on the outer test fold would follow the flip."""
+    X, y, groups = cohort(60, seed=5)
+    config = CVConfig(n_splits=3, n_repeats=1, n_bootstrap=50, seed=1)
+    splits = list(grouped_splits(y, groups, config, X))  # fixed: flipped labels move no fold
+    monkeypatch.setattr(evaluation, "grouped_splits", lambda *args, **kwargs: iter(splits))
+    _, train, test = splits[0]
+    flipped = y.copy()
+    flipped[test] = 1 - flipped[test]
+    search = ModelSearch(families=("linear", "xgboost"), seed=1)
+    runs = [nested_cross_validate(search, X, labels, groups, config) for labels in (y, flipped)]
+
+    assert set(runs[0].results) == set(runs[1].results) and len(runs[0].results) >= 4
+    for key in runs[0].results:
+        np.testing.assert_array_equal(runs[0].results[key].oof[0, test],
+                                      runs[1].results[key].oof[0, test], err_msg=key)
+    chosen = [{k: v for k, v in vars(run.folds[0]).items() if k != "importance"}
+              for run in runs]
+    assert chosen[0] == chosen[1]
+    pd.testing.assert_series_equal(runs[0].folds[0].importance, runs[1].folds[0].importance)
+    # control: the folds that trained on the flipped patients did change
+    assert not np.array_equal(runs[0].champion.oof[0, train], runs[1].champion.oof[0, train])
+    # control: choosing the fold's champion among the regions by its outer test AUROC (the
+    # winner's curse) does follow the flip, so the equalities above can fail for a leak
+    regions = [key for key in runs[0].results if key != "champion"]
+
+    def leaky_choice(labels: np.ndarray) -> str:
+        return max(regions, key=lambda key: roc_auc_score(
+            labels[test], runs[0].results[key].oof[0, test]))
+
+    assert leaky_choice(y) != leaky_choice(flipped)
 
 
 def test_patients_never_straddle_inner_or_outer_folds(spied: str) -> None:
