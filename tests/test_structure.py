@@ -43,12 +43,26 @@ def test_treatment_indicators_keep_each_treatments_response_rate_under_a_heavy_p
     assert _rate_error(10.0, intercept_scaling=1.0) > 0.05  # liblinear's penalised intercept
 
 
-def test_the_linear_search_offers_lasso_and_ridge_for_every_feature_set() -> None:
-    for preset in ("fast", "thorough"):
+def test_the_linear_search_offers_its_penalties_for_every_feature_set() -> None:
+    """Lasso and ridge in both presets; thorough adds the elastic net between them."""
+    for preset, mixes in (("fast", (1.0, 0.0)), ("thorough", (1.0, 0.0, 0.5))):
         regions = {(grid["blocks__blocks"][0], grid["model__l1_ratio"][0])
                    for grid in FAMILIES["linear"].space(preset)}
         assert regions == {(s, r) for s in ("clinical", "microbiome", "combined")
-                           for r in (1.0, 0.0)}
+                           for r in mixes}
+    assert {FAMILIES["linear"].region({"model__l1_ratio": r}) for r in (1.0, 0.0, 0.5)} == {
+        "lasso", "ridge", "elastic-net"}
+
+
+def test_an_elastic_net_keeps_more_than_the_lasso_and_less_than_the_ridge() -> None:
+    """A mixed penalty is really fitted as one (saga), between its two ends in sparsity."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((300, 40))
+    y = (X[:, :6].sum(axis=1) + rng.logistic(size=300) > 0).astype(int)
+    kept = {mix: int((PenalisedLogistic(alpha=0.05, l1_ratio=mix, random_state=0)
+                      .fit(X, y).coef_ != 0).sum()) for mix in (1.0, 0.5, 0.0)}
+    assert kept[1.0] < kept[0.5] < kept[0.0] == 40
+    assert PenalisedLogistic(l1_ratio=0.5).fit(X, y).solver == "saga"
 
 
 def test_one_standard_error_rule_stays_within_the_best_penalty_kind() -> None:

@@ -186,26 +186,32 @@ class _ToArray(TransformerMixin, BaseEstimator):
 
 
 def _linear_space(preset: str) -> list[dict[str, list[Any]]]:
-    """Two penalty regions. Lasso (alpha per episode 0.007-0.07: "most markers in" to "a
+    """Penalty regions. Lasso (alpha per episode 0.007-0.07: "most markers in" to "a
     handful") suits a few strong predictors; ridge (0.1-1) suits signal spread thinly over
     many correlated taxa, as on real metagenomes, where a lasso keeps one taxon of a group and
-    random forests beat it (docs/benchmarks.md). Inner CV chooses between them."""
+    random forests beat it (docs/benchmarks.md). `thorough` adds the elastic net in between
+    (an even mix, on a coarser grid: its saga solver is 3-10x slower than liblinear). Inner
+    CV chooses among them."""
     if preset == "fast":
         lasso, ridge = [0.06, 0.02, 0.007], [1.0, 0.3, 0.1]
         microbiome, interactions = [0.25, 0.5, 1.0], [0.0, 0.5]
-        ridge_microbiome = [0.5, 1.0]
+        regions = [(1.0, lasso, microbiome, interactions),
+                   (0.0, ridge, [0.5, 1.0], interactions)]
     else:
         lasso = list(np.round(np.geomspace(0.1, 0.003, 7), 4))
         ridge = list(np.round(np.geomspace(3.0, 0.03, 5), 4))
+        elastic_net = list(np.round(np.geomspace(0.1, 0.01, 4), 4))
         microbiome, interactions = [0.1, 0.25, 0.5, 1.0], [0.0, 0.25, 0.5, 1.0]
-        ridge_microbiome = microbiome
+        regions = [(1.0, lasso, microbiome, interactions),
+                   (0.0, ridge, microbiome, interactions),
+                   (0.5, elastic_net, [0.25, 0.5, 1.0], [0.0, 0.5])]
     space = []
-    for l1_ratio, alpha, weights in ((1.0, lasso, microbiome), (0.0, ridge, ridge_microbiome)):
+    for l1_ratio, alpha, weights, products in regions:
         penalty = {"model__l1_ratio": [l1_ratio], "model__alpha": alpha}
         space += [
             {"blocks__blocks": ["combined"], **penalty, "design__microbiome": weights,
-             "design__interactions": interactions},
-            {"blocks__blocks": ["clinical"], **penalty, "design__interactions": interactions},
+             "design__interactions": products},
+            {"blocks__blocks": ["clinical"], **penalty, "design__interactions": products},
             {"blocks__blocks": ["microbiome"], **penalty, "design__interactions": [0.0]},
         ]
     return space
@@ -244,9 +250,10 @@ def _linear_complexity(params: dict[str, Any]) -> tuple[float, ...]:
 
 
 def _linear_region(params: dict[str, Any]) -> str:
-    """Lasso and ridge penalties are not on one scale of complexity: the one-standard-error
-    rule compares configurations within one penalty only."""
-    return "ridge" if params.get("model__l1_ratio", 1.0) == 0.0 else "lasso"
+    """Lasso, ridge and elastic-net penalties are not on one scale of complexity: the
+    one-standard-error rule compares configurations within one penalty only."""
+    l1_ratio = params.get("model__l1_ratio", 1.0)
+    return {1.0: "lasso", 0.0: "ridge"}.get(l1_ratio, "elastic-net")
 
 
 def _xgboost_complexity(params: dict[str, Any]) -> tuple[float, ...]:
@@ -283,9 +290,9 @@ class Family:
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family("linear", "Block-penalised logistic regression (lasso or ridge, chosen in inner "
-               "CV): log-scaled labs, treatment x marker interactions, clinical and microbiome "
-               "blocks weighted apart.",
+        Family("linear", "Block-penalised logistic regression (lasso or ridge, and in "
+               "thorough elastic net, chosen in inner CV): log-scaled labs, treatment x "
+               "marker interactions, clinical and microbiome blocks weighted apart.",
                _linear, _linear_space, {"fast": None, "thorough": None}, _linear_complexity,
                _linear_region, _linear_search),
         Family("xgboost", "Gradient-boosted trees (XGBoost), depth, learning rate, trees and "

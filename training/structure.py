@@ -207,27 +207,29 @@ class BlockWeights(TransformerMixin, BaseEstimator):
 
 
 class PenalisedLogistic(LogisticRegression):
-    """L1, ridge (`l1_ratio=0`) or elastic-net logistic regression whose penalty is per
-    episode: glmnet's lambda.
+    """Lasso (`l1_ratio=1`), ridge (`l1_ratio=0`) or elastic-net (in between) logistic
+    regression whose penalty is per episode: glmnet's lambda.
 
     scikit-learn's C weighs the *sum* of the losses, so one C penalises a model fitted on the
     whole cohort less than the same C on the two-thirds of it an inner fold sees: the final
     model comes out less shrunk, and more overconfident, than the one that was tuned and
     recalibrated. With C = 1 / (alpha * n) the shrinkage means the same at every size.
 
-    liblinear penalises the intercept like a coefficient (on a constant column of
-    `intercept_scaling`): at alpha = 0.06 that pulls the mean prediction 0.06 towards 50%.
-    A constant of 100 makes that penalty negligible, as glmnet never penalises it.
+    The solver follows the penalty, as C follows alpha: liblinear for lasso and ridge (exact
+    and fastest there), saga for a mixed penalty, the only solver that has one. liblinear
+    penalises the intercept like a coefficient (on a constant column of `intercept_scaling`):
+    at alpha = 0.06 that pulls the mean prediction 0.06 towards 50%. A constant of 100 makes
+    that penalty negligible, as glmnet (and saga) never penalise it.
     """
 
-    def __init__(self, alpha: float = 0.02, l1_ratio: float = 1.0, solver: str = "liblinear",
-                 max_iter: int = 1000, random_state: int | None = None,
-                 intercept_scaling: float = 100.0) -> None:
-        super().__init__(l1_ratio=l1_ratio, solver=solver, max_iter=max_iter,
-                         random_state=random_state, intercept_scaling=intercept_scaling)
+    def __init__(self, alpha: float = 0.02, l1_ratio: float = 1.0, max_iter: int = 1000,
+                 random_state: int | None = None, intercept_scaling: float = 100.0) -> None:
+        super().__init__(l1_ratio=l1_ratio, max_iter=max_iter, random_state=random_state,
+                         intercept_scaling=intercept_scaling)
         self.alpha = alpha
 
     def fit(self, X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None
             ) -> PenalisedLogistic:
         self.C = 1.0 / (self.alpha * len(y))
+        self.solver = "liblinear" if self.l1_ratio in (0.0, 1.0) else "saga"
         return super().fit(X, y, sample_weight)
