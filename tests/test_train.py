@@ -15,7 +15,7 @@ from scipy.special import logit
 from tests.conftest import MODEL, Trained, run_cli
 from training import registry
 from training import train as train_module
-from training.evaluation import CVConfig
+from training.evaluation import CVConfig, NestedResult
 from training.simulate import SCENARIOS, simulate, write_cohort
 from training.train import TrainConfig, train
 
@@ -132,6 +132,25 @@ def test_null_scenario_scores_as_chance(store: str, tmp_path: Path) -> None:
     for name, summary in result.summaries.items():  # every feature set and family too
         assert abs(summary["auroc_mean"] - 0.5) < 0.08, (name, summary)
     assert result.registered_version is None
+    # the user is told the microbiome added nothing, in the summary and on the run
+    assert [w for w in result.warnings if "microbiome" in w], result.warnings
+    tags = MlflowClient(store).get_run(result.run_id).data.tags
+    assert tags["warnings"] == " | ".join(result.warnings)
+
+
+def test_warnings_name_a_flat_model_and_a_microbiome_that_did_not_help() -> None:
+    def nested(low: float) -> NestedResult:
+        gain = {"auroc_difference": 0.02, "ci_low": low, "ci_high": 0.05}
+        return NestedResult({}, [], {"combined-vs-clinical": gain})
+
+    combined, clinical = {"feature_set": "combined"}, {"feature_set": "clinical"}
+    assert train_module._warnings(False, combined, nested(0.01)) == []
+    (flat,) = train_module._warnings(True, combined, nested(0.01))
+    assert "no out-of-fold discrimination" in flat
+    (unproven,) = train_module._warnings(False, combined, nested(-0.01))
+    assert "not established" in unproven and "-0.010" in unproven
+    (clinical_only,) = train_module._warnings(False, clinical, nested(0.01))
+    assert "clinical and immune data only" in clinical_only
 
 
 def test_an_xgboost_champion_serves_the_probabilities_of_its_pipeline(
