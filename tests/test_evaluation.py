@@ -4,6 +4,7 @@ bootstrap, calibration, and end-to-end sanity (shuffled labels ~ chance, real si
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -27,6 +28,7 @@ from training.evaluation import (
     summarise,
 )
 from training.model import FAMILIES, FeatureConfig
+from training.plots import roc_figure
 
 
 def _grouped_labels(n_subjects: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -221,3 +223,20 @@ def test_cross_validate_finds_a_strong_signal(cv_config: CVConfig) -> None:
     frame = result.predictions(X.index)
     assert list(frame.columns) == ["subject-id", "responded", "repeat_0", "repeat_1"]
     assert roc_auc_score(frame["responded"], frame["repeat_0"]) > 0.8
+
+
+def test_the_roc_figure_bands_over_the_outer_folds(cv_config: CVConfig) -> None:
+    """Each sample keeps its outer fold, and the ROC figure draws one curve per fold with the
+    band over them; a single scored set (external validation) gets the bootstrap band."""
+    X, y, groups = cohort(60, seed=5, signal=True)
+    result = cross_validate(FAMILIES["linear"].build(FeatureConfig(), 0), X, y, groups,
+                            cv_config)
+    for k, (repeat, _, test) in enumerate(grouped_splits(y, groups, cv_config, X)):
+        assert (result.folds[repeat, test] == k).all()
+    assert result.folds.min() == 0 and result.folds.max() == 9
+    axes = roc_figure(result, "nested CV").axes[0]
+    legend = [text.get_text() for text in axes.get_legend().get_texts()]
+    assert "fold mean +- 1 SD (10 folds)" in legend
+    assert sum(line.get_linewidth() == 0.6 for line in axes.lines) == 10
+    external = roc_figure(replace(result, oof=result.oof[:1], folds=None), "external").axes[0]
+    assert "95% band (bootstrap)" in [t.get_text() for t in external.get_legend().get_texts()]

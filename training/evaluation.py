@@ -64,6 +64,7 @@ class CVResult:
     groups: np.ndarray
     oof: np.ndarray  # (n_repeats, n): out-of-fold probability of response
     summary: dict[str, float]  # <metric>_mean, <metric>_ci_low, <metric>_ci_high, calibration
+    folds: np.ndarray | None = None  # (n_repeats, n): outer fold of each sample; None: one set
 
     def predictions(self, index: pd.Index) -> pd.DataFrame:
         """Out-of-fold predictions, one column per repeat, for inspection and plots."""
@@ -120,7 +121,16 @@ def cross_validate(
     oof = np.full((config.n_repeats, len(y)), np.nan)
     for (repeat, _, test), probabilities in zip(splits, predicted, strict=True):
         oof[repeat, test] = probabilities
-    return CVResult(y, groups, oof, summarise(y, groups, oof, config))
+    folds = _fold_numbers([(repeat, test) for repeat, _, test in splits], oof.shape)
+    return CVResult(y, groups, oof, summarise(y, groups, oof, config), folds)
+
+
+def _fold_numbers(tests: list[tuple[int, np.ndarray]], shape: tuple[int, ...]) -> np.ndarray:
+    """Each sample's outer fold per repeat (for per-fold curves)."""
+    folds = np.full(shape, -1)
+    for k, (repeat, test) in enumerate(tests):
+        folds[repeat, test] = k
+    return folds
 
 
 @dataclass(frozen=True)
@@ -224,9 +234,12 @@ def nested_cross_validate(
     for (repeat, _, _, test), (predicted, _) in zip(splits, outputs, strict=True):
         for key, probabilities in predicted.items():
             oof[key][repeat, test] = probabilities
+    folds = _fold_numbers([(repeat, test) for repeat, _, _, test in splits], (config.n_repeats,
+                                                                              len(y)))
     results = {
         key: CVResult(y, groups, values,
-                      summarise(y, groups, values, config, calibration_ci=key == CHAMPION))
+                      summarise(y, groups, values, config, calibration_ci=key == CHAMPION),
+                      folds)
         for key, values in oof.items() if not np.isnan(values).any()
     }
     comparisons = {

@@ -27,18 +27,29 @@ def _title(ax: plt.Axes, title: str, detail: str) -> None:
 
 
 def roc_figure(result: CVResult, title: str) -> Figure:
-    """Pooled out-of-fold ROC curve with a band over patient-bootstrap resamples."""
+    """Pooled out-of-fold ROC curve per repeat, with a band over the outer folds (mean +- 1 SD
+    of their own curves, each fold's model on its own test patients) or, for one scored set
+    (external validation), over patient-bootstrap resamples."""
     fig, ax = plt.subplots(figsize=(5.5, 5))
-    y, p = result.y, result.oof[0]
-    tprs = []
-    for _, index in patient_resamples(y, result.groups, 200, seed=0):
-        fpr, tpr, _ = roc_curve(y[index], p[index])
-        tprs.append(np.interp(GRID, fpr, tpr))
-    low, high = np.percentile(tprs, [2.5, 97.5], axis=0)
+    y = result.y
     for repeat, probabilities in enumerate(result.oof):
         fpr, tpr, _ = roc_curve(y, probabilities)
-        ax.plot(fpr, tpr, lw=1.2, alpha=0.8, label=f"repeat {repeat + 1}")
-    ax.fill_between(GRID, low, high, alpha=0.2, label="95% band (bootstrap)")
+        ax.plot(fpr, tpr, lw=1.4, alpha=0.9, label=f"pooled, repeat {repeat + 1}")
+    curves = _fold_curves(result) if result.folds is not None else []
+    if len(curves) >= 2:
+        for i, curve in enumerate(curves):
+            ax.plot(GRID, curve, lw=0.6, color="grey", alpha=0.35,
+                    label="outer folds" if i == 0 else None)
+        mean, sd = np.mean(curves, axis=0), np.std(curves, axis=0)
+        ax.fill_between(GRID, np.clip(mean - sd, 0, 1), np.clip(mean + sd, 0, 1), alpha=0.2,
+                        label=f"fold mean +- 1 SD ({len(curves)} folds)")
+    else:
+        tprs = []
+        for _, index in patient_resamples(y, result.groups, 200, seed=0):
+            fpr, tpr, _ = roc_curve(y[index], result.oof[0][index])
+            tprs.append(np.interp(GRID, fpr, tpr))
+        low, high = np.percentile(tprs, [2.5, 97.5], axis=0)
+        ax.fill_between(GRID, low, high, alpha=0.2, label="95% band (bootstrap)")
     ax.plot([0, 1], [0, 1], ls="--", color="grey", label="chance")
     s = result.summary
     ax.set(xlabel="1 - specificity", ylabel="sensitivity")
@@ -47,6 +58,20 @@ def roc_figure(result: CVResult, title: str) -> Figure:
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return fig
+
+
+def _fold_curves(result: CVResult) -> list[np.ndarray]:
+    """Each outer fold's ROC curve on the common grid (folds with both outcomes only)."""
+    curves = []
+    for repeat, folds in enumerate(result.folds):
+        for fold in np.unique(folds[folds >= 0]):
+            inside = folds == fold
+            if len(np.unique(result.y[inside])) == 2:
+                fpr, tpr, _ = roc_curve(result.y[inside], result.oof[repeat, inside])
+                curve = np.interp(GRID, fpr, tpr)
+                curve[0] = 0.0
+                curves.append(curve)
+    return curves
 
 
 def pr_figure(result: CVResult, title: str) -> Figure:
