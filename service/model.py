@@ -29,9 +29,9 @@ from service.scoring import CompiledModel
 from service.settings import Settings
 from training.bundle import ModelIntegrityError, StoredModel, load_bundle
 from training.explain import Explanation as ShapResult
-from training.explain import display_name
+from training.explain import display_name, feature_unit
 from training.features import feature_schema, model_input
-from training.schema import CLINICAL_BY_NAME, CLINICAL_FIELDS, TREATMENT, is_taxon
+from training.schema import CLINICAL_FIELDS, TREATMENT
 
 LOW_READS = 1000
 log = logging.getLogger("service")
@@ -189,7 +189,7 @@ def _top(explanation: ShapResult, row: int, top_k: int) -> Explanation:
             Contribution(
                 feature=(name := str(explanation.feature_names[j])),
                 label=display_name(name),
-                unit=_unit(name),
+                unit=feature_unit(name),
                 value=_finite(float(explanation.values[row, j])),
                 relative_abundance_pct=_finite(100 * float(
                     explanation.relative_abundance[row, j])),
@@ -199,13 +199,6 @@ def _top(explanation: ShapResult, row: int, top_k: int) -> Explanation:
         ],
         other_features=OtherFeatures(count=len(rest), shap=float(shap_values[rest].sum())),
     )
-
-
-def _unit(feature: str) -> str | None:
-    if is_taxon(feature):
-        return "CLR"
-    field = CLINICAL_BY_NAME.get(feature)
-    return field.unit if field else None
 
 
 def load_model(settings: Settings) -> LoadedModel:

@@ -3,6 +3,7 @@ feature per contribution, and values in the units a clinician reads, for every f
 
 from __future__ import annotations
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
@@ -15,6 +16,7 @@ from tests.helpers import cohort
 from training.explain import ShapExplainer, display_name
 from training.features import feature_steps
 from training.model import FAMILIES, FeatureConfig, stacked_forest
+from training.plots import shap_summary_figure
 from training.structure import INTERACTION
 from training.tuning import ResponseModel
 
@@ -173,6 +175,13 @@ def test_every_non_taxon_feature_has_a_clinical_name(fitted: dict[str, ResponseM
     assert display_name("tpo_pg_ml") == "Thrombopoietin (TPO)"
     assert display_name("treatment=tpo_ra") == "Treatment: TPO receptor agonist"
     assert display_name("phase=newly_diagnosed") == "ITP phase: newly diagnosed"
+    # the summary plot colours by value, so its labels carry the unit
+    explanation = ShapExplainer(fitted["stacked"]).explain(data[0])
+    figure = shap_summary_figure(explanation, max_display=len(names))
+    ticks = [t.get_text() for t in figure.axes[0].get_yticklabels()]
+    plt.close(figure)
+    assert "Thrombopoietin (TPO), pg/mL" in ticks and "Treatment: IVIG" in ticks
+    assert any(t.endswith("(genus), CLR") for t in ticks)
 
 
 def test_unsupported_estimator_raises_type_error(data: tuple[pd.DataFrame, ...]) -> None:

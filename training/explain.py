@@ -179,3 +179,11 @@ def display_name(feature: str) -> str:
     if feature in schema.CLINICAL_BY_NAME:
         return schema.CLINICAL_BY_NAME[feature].label or feature
     return _DERIVED_LABELS.get(feature, feature)
+
+
+def feature_unit(feature: str) -> str | None:
+    """The unit a feature's value is in: CLR for taxa, the clinical field's unit, else none."""
+    if schema.is_taxon(feature):
+        return "CLR"
+    field = schema.CLINICAL_BY_NAME.get(feature)
+    return field.unit if field else None

@@ -17,7 +17,7 @@ from scipy.stats import binomtest
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 from training.evaluation import CVResult, NestedResult, net_benefit, patient_resamples
-from training.explain import Explanation, display_name
+from training.explain import Explanation, display_name, feature_unit
 
 GRID = np.linspace(0, 1, 101)
 
@@ -160,7 +160,7 @@ def shap_summary_figure(explanation: Explanation, max_display: int = 20) -> Figu
     shap.summary_plot(
         explanation.shap_values,
         features=explanation.values,
-        feature_names=[display_name(str(n)) for n in explanation.feature_names],
+        feature_names=[_with_unit(str(n)) for n in explanation.feature_names],
         max_display=max_display,
         show=False,
         plot_size=(9, 0.35 * max_display + 1.5),
@@ -169,6 +169,12 @@ def shap_summary_figure(explanation: Explanation, max_display: int = 20) -> Figu
     fig.axes[0].set_xlabel("SHAP value (contribution to recalibrated log-odds of response)")
     fig.tight_layout()
     return fig
+
+
+def _with_unit(feature: str) -> str:
+    """"Thrombopoietin (TPO), pg/mL": the beeswarm colours points by the feature's value."""
+    unit = feature_unit(feature)
+    return f"{display_name(feature)}, {unit}" if unit else display_name(feature)
 
 
 def shap_stability_figure(importances: list[pd.Series], stability: dict[str, float],
