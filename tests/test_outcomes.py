@@ -261,11 +261,20 @@ def test_missing_dependence_without_treatment_column_is_an_error() -> None:
         response_labels(frame)
 
 
-def test_absent_dependence_column_means_not_dependent() -> None:
-    frame = _episode()
+def test_absent_dependence_column_means_not_dependent_and_says_so() -> None:
+    frame = pd.concat([_episode().rename(index={"e1": "s1"}),
+                       _episode(followup=20.0).rename(index={"e1": "s2"}),  # NR anyway
+                       _episode("ivig", day=7.0).rename(index={"e1": "s3"})])
     assert "steroid_dependent" not in frame
-    assert derive_outcomes(frame).labels.tolist() == ["CR"]
-    assert response_labels(frame).tolist() == ["CR"]
+    result = derive_outcomes(frame)
+    assert result.labels.tolist() == ["CR", "NR", "CR"]
+    assert response_labels(frame).tolist() == ["CR", "NR", "CR"]
+    # only the steroid responder's label rests on the assumption, and the run is told
+    assert result.dependence_assumed == 1
+    (warning,) = [w for w in result.warnings() if "steroid_dependent" in w]
+    assert warning.startswith("no steroid_dependent column: 1 corticosteroid episode(s)")
+    present = derive_outcomes(frame.assign(steroid_dependent=0.0))
+    assert present.dependence_assumed == 0 and not present.warnings()
 
 
 def test_dependence_given_as_yes_no_text() -> None:

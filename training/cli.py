@@ -101,9 +101,8 @@ def validate(data: Path, min_reads: int, definition: str) -> None:
                    "show a response:")
         for sample, reason in outcomes.excluded["reason"].head(20).items():
             click.echo(f"  {sample}: {reason}")
-    if outcomes.unchecked_window:
-        click.echo(f"followup_day missing for {outcomes.unchecked_window} episodes: their "
-                   "response window could not be checked")
+    for warning in outcomes.warnings():
+        click.echo(warning)
     click.echo(f"fingerprint: {cohort.fingerprint}")
 
 

@@ -63,6 +63,20 @@ class Outcomes:
     labels: pd.Series  # CR/R/NR of the included episodes, indexed by sample id
     excluded: pd.DataFrame  # indexed by sample id, column "reason"
     unchecked_window: int  # labelled episodes with a window whose followup_day is unknown
+    # corticosteroid CR/R episodes scored without a steroid_dependent column (read as "no")
+    dependence_assumed: int = 0
+
+    def warnings(self) -> list[str]:
+        """What the labels rest on that the cohort did not say, for the run's warnings."""
+        out = []
+        if self.dependence_assumed:
+            out.append(f"no steroid_dependent column: {self.dependence_assumed} corticosteroid "
+                       "episode(s) scored CR/R assume the patient was not steroid-dependent "
+                       "(docs/data-format.md)")
+        if self.unchecked_window:
+            out.append(f"followup_day missing for {self.unchecked_window} episode(s): their "
+                       "response window could not be checked")
+        return out
 
 
 def _check_name(value: str, valid: Sequence[str], what: str) -> None:
@@ -156,11 +170,13 @@ def _shown(ids: pd.Index) -> str:
     return ", ".join(map(str, ids[:10])) + (" ..." if len(ids) > 10 else "")
 
 
-def _scored(metadata: pd.DataFrame, definition: str) -> tuple[pd.Series, np.ndarray]:
+def _scored(metadata: pd.DataFrame, definition: str
+            ) -> tuple[pd.Series, np.ndarray, np.ndarray]:
     """Labels reading a missing steroid_dependent as "no", and where that reading mattered.
 
-    The second array marks episodes whose CR/R rests on that reading: corticosteroid (or
-    unknown-treatment) episodes with an empty steroid_dependent cell.
+    The arrays mark episodes whose CR/R rests on that reading: corticosteroid (or
+    unknown-treatment) episodes with an empty steroid_dependent cell (an error), and, when
+    the column is absent altogether, every such episode (documented, and reported).
     """
     absent = [c for c in (FOLLOWUP_PLATELETS, FOLLOWUP_BLEEDING, BASELINE_PLATELETS)
               if c not in metadata]
@@ -178,8 +194,10 @@ def _scored(metadata: pd.DataFrame, definition: str) -> tuple[pd.Series, np.ndar
         dependent = np.zeros(len(metadata))
     labels = classify(followup, baseline, bleeding, np.nan_to_num(dependent, nan=0.0),
                       definition)
-    unassessed = np.isnan(dependent) & _maybe_steroid(metadata) & (labels != NR)
-    return pd.Series(labels, index=metadata.index, name=RESPONSE, dtype=object), unassessed
+    rests_on_it = _maybe_steroid(metadata) & (labels != NR)
+    assumed = rests_on_it if STEROID_DEPENDENT not in metadata else np.zeros(len(labels), bool)
+    return (pd.Series(labels, index=metadata.index, name=RESPONSE, dtype=object),
+            np.isnan(dependent) & rests_on_it, assumed)
 
 
 def _maybe_steroid(metadata: pd.DataFrame) -> np.ndarray:
@@ -242,7 +260,7 @@ def response_labels(metadata: pd.DataFrame, definition: str = "iwg") -> pd.Serie
     _check_name(definition, DEFINITIONS, "definition")
     if _source(metadata) == RESPONSE:
         return _given(metadata)
-    labels, unassessed = _scored(metadata, definition)
+    labels, unassessed, _ = _scored(metadata, definition)
     _refuse_unassessed(metadata, unassessed)
     return labels
 
@@ -319,10 +337,11 @@ def derive_outcomes(metadata: pd.DataFrame, definition: str = "iwg",
     _check_name(definition, DEFINITIONS, "definition")
     checked = _check_windows(DEFAULT_WINDOWS if windows is None else windows)
     if _source(metadata) == RESPONSE:
-        labels, unassessed = _given(metadata), np.zeros(len(metadata), dtype=bool)
+        labels = _given(metadata)
+        unassessed = assumed = np.zeros(len(metadata), dtype=bool)
         checked = {}  # the lab assessed the response; there is no follow-up day to check
     else:
-        labels, unassessed = _scored(metadata, definition)
+        labels, unassessed, assumed = _scored(metadata, definition)
     window_reasons, unchecked = _window_reasons(metadata, checked)
     reasons = ["; ".join(r for r in pair if r) or None
                for pair in zip(_baseline_reasons(metadata, definition), window_reasons,
@@ -334,6 +353,7 @@ def derive_outcomes(metadata: pd.DataFrame, definition: str = "iwg",
         excluded=pd.DataFrame({REASON: [r for r in reasons if r is not None]},
                               index=metadata.index[excluded], dtype=object),
         unchecked_window=int((unchecked & ~excluded).sum()),
+        dependence_assumed=int((assumed & ~excluded).sum()),
     )
 
 

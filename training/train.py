@@ -148,7 +148,8 @@ def train(config: TrainConfig) -> TrainResult:
         _log_setup(config, cohort, responses, y, groups)
         _log_dataset(config, cohort, X, y, metadata)
         mlflow.log_params({"n_excluded_episodes": len(outcomes.excluded),
-                           "n_unchecked_followup_day": outcomes.unchecked_window})
+                           "n_unchecked_followup_day": outcomes.unchecked_window,
+                           "n_steroid_dependence_assumed": outcomes.dependence_assumed})
         if len(outcomes.excluded):
             mlflow.log_table(outcomes.excluded.rename_axis("sample").reset_index(),
                              "excluded_episodes.json")
@@ -176,7 +177,8 @@ def train(config: TrainConfig) -> TrainResult:
                   "params": dict(final.best_["params"]),
                   "chosen_weight": model.slope_,
                   "stacked_forest_weight": model.companion_slope_}
-        warnings = _warnings(model.flat, chosen, nested) + confounder_warnings(confounders)
+        warnings = (_warnings(model.flat, chosen, nested) + outcomes.warnings()
+                    + confounder_warnings(confounders))
         for warning in warnings:
             log.warning("%s", warning)
         mlflow.set_tags({"chosen_family": chosen["family"],
