@@ -155,8 +155,9 @@ def validate(data: Path, min_reads: int, definition: str) -> None:
               help="Serve the chosen model alone, without the random forest stacked with it "
                    "(docs/evaluation.md).")
 @click.option("--missing-indicators", is_flag=True,
-              help="Add missing-value indicators to the linear model; only for markers whose "
-                   "missingness is informative (off by default).")
+              help="Add a missing-value indicator for every field with missing values to "
+                   "the linear model (the penalty keeps those that help out of fold). Use it "
+                   "only when missingness is informative (off by default).")
 @click.option("--dask-scheduler", default=None, metavar="ADDRESS",
               help="Run the CV and tuning fits on a Dask cluster, e.g. tcp://host:8786 "
                    "(workers need this package; pip install 'itp-response[dask]').")
