@@ -24,10 +24,17 @@ from training.evaluation import (
     permutation_control,
 )
 from training.features import TaxonomyAligner
+from training.folds import TreatmentStratifiedGroupKFold
 from training.model import FAMILIES, Family, FeatureBlocks, FeatureConfig, SearchForm
 from training.schema import is_taxon
 from training.structure import BlockWeights, LinearDesign
-from training.tuning import ModelSearch, ResponseModel, recalibration
+from training.tuning import (
+    ModelSearch,
+    ResponseModel,
+    out_of_fold_log_odds,
+    recalibration,
+    youden_threshold,
+)
 
 
 class Spy:
@@ -283,6 +290,20 @@ def test_recalibration_never_inverts_a_ranking_and_flags_a_flat_model() -> None:
     assert not model.flat
     model.slope_ = 0.0
     assert model.flat and np.ptp(model.predict_proba(X)[:, 1]) == 0.0
+
+
+def test_the_threshold_is_chosen_on_out_of_fold_predictions() -> None:
+    """Youden's cut-off on the recalibrated out-of-fold probabilities, not on the refitted
+    model's own training predictions (which rank its training patients too well)."""
+    X, y, groups = cohort(80, seed=12)
+    pipeline = FAMILIES["xgboost"].build(FeatureConfig(), 0)
+    model = ResponseModel(pipeline, seed=0).fit(X, y, groups)
+    splits = list(TreatmentStratifiedGroupKFold(5, shuffle=True, random_state=0).split(
+        X, y, groups))
+    oof = out_of_fold_log_odds(pipeline, X, y, splits)
+    assert model.threshold_ == youden_threshold(y, expit(model.intercept_ + model.slope_ * oof))
+    assert model.threshold_ != youden_threshold(y, model.predict_proba(X)[:, 1])
+    assert ResponseModel(pipeline, seed=0, threshold=0.3).fit(X, y, groups).threshold_ == 0.3
 
 
 def test_stacking_weights_each_model_by_what_it_adds_out_of_fold() -> None:

@@ -129,6 +129,7 @@ def test_confounder_report_flags_a_batch_that_tracks_the_label(tmp_path: Path) -
     assert report.loc["batch", "flagged"] and report.loc["batch", "q_value"] < 1e-6
     assert not report.loc["baseline_platelets", "flagged"]  # "plate" inside a word
     assert report.loc["read_depth", "flagged"]
+    assert report.loc["antibiotics_3m", "flagged"]  # a known confounder, whatever its p
     assert report.loc["age_years", "effect"] == "Cliff's delta"
     warnings = confounder_warnings(report.reset_index())
     assert any(w.startswith("batch is associated with the label") for w in warnings)
