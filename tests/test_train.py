@@ -4,6 +4,7 @@ registered or half-written, and the null scenario scores as chance."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import mlflow
@@ -117,6 +118,22 @@ def test_invalid_cohort_fails_cleanly_and_registers_nothing(
     assert completed.returncode == 2
     assert "metadata.tsv" in completed.stderr and "line 4" in completed.stderr
     assert "leeches" in completed.stderr and "Traceback" not in completed.stderr
+    assert MlflowClient(store).search_registered_models() == []
+
+
+def test_a_cohort_too_small_for_nested_cv_is_refused_with_the_numbers(
+    store: str, tmp_path: Path
+) -> None:
+    data = tmp_path / "tiny"
+    write_cohort(simulate(14, 2, SCENARIOS["default"]), data)
+    completed = run_cli("train", "--data", str(data), "--register", MODEL, cwd=tmp_path,
+                        check=False)
+    assert completed.returncode == 2, completed.stderr
+    message = re.search(r"only (\d+) patients among the (non-)?responders: need at least "
+                        r"(\d+) for nested cross-validation with 5 outer and 3 inner folds",
+                        completed.stderr)
+    assert message and int(message[1]) < int(message[3]), completed.stderr
+    assert "Traceback" not in completed.stderr
     assert MlflowClient(store).search_registered_models() == []
 
 
