@@ -275,6 +275,9 @@ def test_absent_dependence_column_means_not_dependent_and_says_so() -> None:
     assert warning.startswith("no steroid_dependent column: 1 corticosteroid episode(s)")
     present = derive_outcomes(frame.assign(steroid_dependent=0.0))
     assert present.dependence_assumed == 0 and not present.warnings()
+    # an episode excluded later (a treatment too rare for CV) no longer counts
+    dropped = without_unknown_treatments(result, frame, ["ivig"])
+    assert dropped.dependence_assumed == 0 and not dropped.warnings()
 
 
 def test_dependence_given_as_yes_no_text() -> None:
@@ -407,8 +410,7 @@ def test_treatments_with_fewer_patients_than_folds_are_excluded_with_a_reason() 
         schema.TREATMENT: treatments},
         index=pd.Index([f"S{i}" for i in range(14)], name=schema.SAMPLE_ID))
     outcomes = Outcomes(labels=pd.Series(["R", "NR"] * 7, index=metadata.index),
-                        excluded=pd.DataFrame({"reason": []}, index=pd.Index([], dtype=object)),
-                        unchecked_window=0)
+                        excluded=pd.DataFrame({"reason": []}, index=pd.Index([], dtype=object)))
     kept = without_rare_treatments(outcomes, metadata, n_splits=5)
     assert list(kept.labels.index) == [f"S{i}" for i in range(12)]
     assert list(kept.excluded.index) == ["S12", "S13"]
@@ -423,8 +425,7 @@ def test_treatments_a_model_never_saw_are_excluded_with_a_reason() -> None:
     metadata = pd.DataFrame({schema.TREATMENT: ["ivig", "rituximab", "ivig", "splenectomy"]},
                             index=pd.Index(["a", "b", "c", "d"], name=schema.SAMPLE_ID))
     outcomes = Outcomes(labels=pd.Series(["R", "NR", "CR", "R"], index=metadata.index),
-                        excluded=pd.DataFrame({"reason": []}, index=pd.Index([], dtype=object)),
-                        unchecked_window=0)
+                        excluded=pd.DataFrame({"reason": []}, index=pd.Index([], dtype=object)))
     kept = without_unknown_treatments(outcomes, metadata, ["corticosteroid", "ivig"])
     assert list(kept.labels.index) == ["a", "c"]
     assert kept.excluded.loc["b", "reason"] == (

@@ -11,7 +11,7 @@ with a reason rather than labelled, since either label would be noise.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -62,9 +62,20 @@ class Outcomes:
 
     labels: pd.Series  # CR/R/NR of the included episodes, indexed by sample id
     excluded: pd.DataFrame  # indexed by sample id, column "reason"
-    unchecked_window: int  # labelled episodes with a window whose followup_day is unknown
+    # episodes with a response window whose followup_day is unknown
+    unchecked: pd.Index = field(default_factory=lambda: pd.Index([]))
     # corticosteroid CR/R episodes scored without a steroid_dependent column (read as "no")
-    dependence_assumed: int = 0
+    assumed: pd.Index = field(default_factory=lambda: pd.Index([]))
+
+    @property
+    def unchecked_window(self) -> int:
+        """Included episodes whose response window could not be checked."""
+        return int(self.unchecked.isin(self.labels.index).sum())
+
+    @property
+    def dependence_assumed(self) -> int:
+        """Included episodes whose CR/R assumes no steroid dependence."""
+        return int(self.assumed.isin(self.labels.index).sum())
 
     def warnings(self) -> list[str]:
         """What the labels rest on that the cohort did not say, for the run's warnings."""
@@ -352,8 +363,8 @@ def derive_outcomes(metadata: pd.DataFrame, definition: str = "iwg",
         labels=labels[~excluded],
         excluded=pd.DataFrame({REASON: [r for r in reasons if r is not None]},
                               index=metadata.index[excluded], dtype=object),
-        unchecked_window=int((unchecked & ~excluded).sum()),
-        dependence_assumed=int((assumed & ~excluded).sum()),
+        unchecked=metadata.index[unchecked & ~excluded],
+        assumed=metadata.index[assumed & ~excluded],
     )
 
 
