@@ -275,7 +275,7 @@ def test_absent_dependence_column_means_not_dependent_and_says_so() -> None:
     assert warning.startswith("no steroid_dependent column: 1 corticosteroid episode(s)")
     present = derive_outcomes(frame.assign(steroid_dependent=0.0))
     assert present.dependence_assumed == 0 and not present.warnings()
-    # an episode excluded later (a treatment too rare for CV) no longer counts
+    # an episode excluded later (here: a treatment the model never saw) no longer counts
     dropped = without_unknown_treatments(result, frame, ["ivig"])
     assert dropped.dependence_assumed == 0 and not dropped.warnings()
 

@@ -160,7 +160,7 @@ _DERIVED_LABELS: dict[str, str] = {
     "shannon_diversity": "Shannon diversity",
     "observed_genera": "Richness (taxa observed)",
 }
-_INDICATOR_LABELS: dict[str, str] = {"treatment": "Treatment", "phase": "ITP phase",
+_INDICATOR_LABELS: dict[str, str] = {schema.TREATMENT: "Treatment", "phase": "ITP phase",
                                      "sex": "Sex"}
 
 
